@@ -1,0 +1,214 @@
+"""One shared-memory segment, mapped in every process that uses the store.
+
+The creating process owns the arena.  The segment has no name (it is
+unlinked the moment it exists); other processes receive its file
+descriptor: inherited under fork, passed with ``multiprocessing.reduction.DupFd``
+when an Arena is pickled for spawn or forkserver.  The kernel frees the
+memory when the last descriptor and mapping are gone, so even SIGKILL of the
+whole process group leaves no segment behind.
+
+The segment is sparse: it is mapped at its full capacity, but memory is
+reserved (``posix_fallocate``) only as the allocator's high-water mark
+grows, in COMMIT_CHUNK steps.  A full ``/dev/shm`` therefore shows up as a
+failed commit, which the layers above turn into StoreFullError or a fallback,
+never as a SIGBUS on first touch.
+
+Arena header (little-endian u64 at offsets from the segment start)::
+
+    +0  magic b"SHMPOOL\\x01"    +8  capacity (bytes)     +16 owner pid
+    +24 committed (bytes)        +32 token (random u64)   +40..63 reserved
+
+Bytes from HEADER_SIZE on belong to the allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import secrets
+import struct
+from multiprocessing import reduction
+
+from . import _posix, _tracker
+from ._errors import BrokenArenaError, ClosedError, StoreFullError
+
+__all__ = ["Arena", "HEADER_SIZE", "MIN_CAPACITY"]
+
+MAGIC = b"SHMPOOL\x01"
+HEADER_SIZE = 64
+PAGE_SIZE = mmap.PAGESIZE
+#: Memory is reserved in steps of this size.  Larger steps mean fewer
+#: fallocate calls on a growing store; smaller ones reserve less memory that
+#: is never used.
+COMMIT_CHUNK = 2 * 1024 * 1024
+#: The smallest arena worth creating (tests use small ones on purpose).
+MIN_CAPACITY = 64 * 1024
+
+_HEADER = struct.Struct("<8sQQQQ")
+_COMMITTED = struct.Struct("<Q")
+_COMMITTED_AT = 24
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+class Arena:
+    """A mapped shared-memory segment plus the semaphore that guards it.
+
+    Ownership: the creator (``Arena.create``) owns the segment and the
+    semaphore name; ``close()`` in the owner unlinks the name.  Attached
+    copies (unpickled, or inherited by fork) own only their descriptor and
+    mapping.  Process-safe; the mutable header field ``committed`` is only
+    written under the arena lock, by ``commit_up_to``.
+
+    ``close()`` never invalidates a live view: while buffers exported from
+    the mapping exist, the mapping stays until the last of them is gone.
+    """
+
+    def __init__(self, fd: int, capacity: int, lock: _posix.NamedSemaphore,
+                 *, owner: bool) -> None:
+        self._fd = fd
+        self._mmap = mmap.mmap(fd, capacity)
+        self.buf = memoryview(self._mmap)
+        probe = ctypes.c_char.from_buffer(self._mmap)
+        self.address = ctypes.addressof(probe)
+        del probe
+        self.capacity = capacity
+        self.lock = lock
+        self.is_owner = owner
+        self._created_in_pid = os.getpid() if owner else 0
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, capacity: int | None = None) -> "Arena":
+        """Create and own a new arena of *capacity* bytes.
+
+        *capacity* defaults to the free space of ``/dev/shm``; an explicit
+        capacity larger than that free space is refused, since it could only
+        fail later.  Nothing is reserved until it is allocated.
+
+        Raises:
+            StoreFullError: *capacity* exceeds the free space of /dev/shm.
+            ValueError: *capacity* is below MIN_CAPACITY.
+        """
+        _tracker.sweep_dead_owners()
+        free = _posix.shm_free_bytes()
+        if capacity is None:
+            capacity = free // PAGE_SIZE * PAGE_SIZE
+        elif capacity < MIN_CAPACITY:
+            raise ValueError(
+                f"capacity must be at least {MIN_CAPACITY} bytes, got {capacity}")
+        elif capacity > free:
+            raise StoreFullError(
+                f"cannot create a store of {capacity} bytes: /dev/shm has only "
+                f"{free} bytes free (pass a smaller capacity= or free /dev/shm)")
+        capacity = _round_up(capacity, PAGE_SIZE)
+        fd = _posix.create_unlinked_segment(capacity)
+        try:
+            first = min(COMMIT_CHUNK, capacity)
+            if not _posix.commit_pages(fd, 0, first):
+                raise StoreFullError(
+                    f"cannot reserve {first} bytes in /dev/shm for a new store")
+            lock = _posix.NamedSemaphore.create()
+        except BaseException:
+            os.close(fd)
+            raise
+        _tracker.register_owned(lock.name)
+        arena = cls(fd, capacity, lock, owner=True)
+        _HEADER.pack_into(arena.buf, 0, MAGIC, capacity, os.getpid(), first,
+                          secrets.randbits(63))
+        return arena
+
+    def __reduce__(self):
+        self._check_open()
+        return (_attach, (reduction.DupFd(self._fd), self.capacity, self.lock.name))
+
+    def close(self) -> None:
+        """Drop this process's mapping and descriptor; the owner also unlinks
+        the semaphore name.  Idempotent.  Live views keep the mapping alive."""
+        if self._closed:
+            return
+        self._closed = True
+        self.buf.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass            # views still exported: unmapped when the last dies
+        os.close(self._fd)
+        if self.is_owner and self._created_in_pid == os.getpid():
+            self.lock.unlink()
+            _tracker.unregister_owned(self.lock.name)
+        self.lock.close()
+
+    def fileno(self) -> int:
+        """The segment's file descriptor in this process (owned by the arena)."""
+        self._check_open()
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the store's arena is closed in this process")
+
+    # -- header ------------------------------------------------------------
+
+    @property
+    def token(self) -> int:
+        """Random 63-bit id of this arena, the same in every process."""
+        return _HEADER.unpack_from(self._mmap, 0)[4]
+
+    @property
+    def owner_pid(self) -> int:
+        return _HEADER.unpack_from(self._mmap, 0)[2]
+
+    @property
+    def committed(self) -> int:
+        """Bytes from the start of the segment backed by reserved memory."""
+        return _COMMITTED.unpack_from(self._mmap, _COMMITTED_AT)[0]
+
+    def commit_up_to(self, end: int) -> bool:
+        """Reserve memory for the segment up to byte *end*.
+
+        Call with the arena lock held.  Returns False if ``/dev/shm`` has no
+        room left; the caller must then not touch bytes past ``committed``.
+        """
+        committed = self.committed
+        if end <= committed:
+            return True
+        new_end = min(_round_up(end, COMMIT_CHUNK), self.capacity)
+        if not _posix.commit_pages(self._fd, committed, new_end - committed):
+            return False
+        _COMMITTED.pack_into(self._mmap, _COMMITTED_AT, new_end)
+        return True
+
+    # -- buffers -----------------------------------------------------------
+
+    def export(self, offset: int, nbytes: int):
+        """Return a new buffer exporter over ``[offset, offset + nbytes)``.
+
+        The exporter is a ctypes array: every memoryview or numpy array built
+        on it keeps *it* alive, so a ``weakref.finalize`` on the exporter
+        fires only after the last derived view is gone (see DESIGN.md: a
+        finalizer on a memoryview fires too early).
+        """
+        self._check_open()
+        return (ctypes.c_char * nbytes).from_buffer(self._mmap, offset)
+
+
+def _attach(dupfd, capacity: int, sem_name: str) -> Arena:
+    fd = dupfd.detach()
+    lock = _posix.NamedSemaphore.open(sem_name)
+    arena = Arena(fd, capacity, lock, owner=False)
+    magic = bytes(arena.buf[:8])
+    if magic != MAGIC:
+        arena.close()
+        raise BrokenArenaError(
+            f"descriptor {fd} does not hold a shmpool arena (magic {magic!r})")
+    return arena
