@@ -362,7 +362,7 @@ class FreeListAllocator:
     def try_allocate(self, nbytes: int) -> int | None:
         """Reserve *nbytes*; return the payload offset, or None if nothing fits
         right now.  Waits only for the lock."""
-        self._check_size(nbytes)
+        self.check_size(nbytes)
         with self.locked():
             return self.allocate_locked(nbytes)
 
@@ -389,7 +389,8 @@ class FreeListAllocator:
         with self.locked():
             self.free_locked(offset)
 
-    def _check_size(self, nbytes: int) -> None:
+    def check_size(self, nbytes: int) -> None:
+        """Raise unless a payload of *nbytes* could ever fit in this heap."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         if block_size_for(nbytes) > self.heap_size:
@@ -442,6 +443,12 @@ class FreeListAllocator:
                     f"memory was overwritten (recreate the store)")
             yield off, size, bool(tag & ALLOCATED)
             off += size
+
+    def blocks(self):
+        """Yield ``(payload offset, allocated)`` for every block, in order.
+        Call with the lock held."""
+        for off, _, used in self._walk():
+            yield off + BLOCK_HEADER, used
 
     def repair(self) -> None:
         """Rebuild footers, free lists, bitmap and counters from the header
