@@ -1,0 +1,383 @@
+"""Python objects in the store: pickle protocol 5 with out-of-band buffers.
+
+``ObjectStore.put`` pickles an object with ``buffer_callback``: numpy arrays,
+pandas frames (through their numpy blocks), Arrow arrays, record batches and
+tables, ``pickle.PickleBuffer`` and ``memoryview`` hand their buffers out of
+band.  The pickle stream and those buffers are written into one store object
+(a *frame*), so each large buffer is copied exactly once.  ``get`` unpickles
+with buffers that are read-only views of shared memory: zero-copy.
+
+A buffer that already lives in the store (a view from ``get``, an array
+from ``empty``) is not copied again: the frame refers to its object and
+holds it.  An unsealed ``empty`` array is sealed on the way, and the array
+given to ``put`` turns read-only.
+
+Messages.  ``encode``/``decode`` are what the pool and the queues send
+through pipes: a value whose buffers are all below ``threshold`` travels
+in-band as an ordinary pickle; otherwise its frame goes into the store and
+only a ref (21 bytes) is sent, with one retained count that the receiver
+adopts.  If the store stays full for ``space_timeout`` seconds, the value
+falls back to an in-band pickle, with a warning (once) and a count in
+``statistics().fallbacks``: never an error where ``multiprocessing`` worked.
+
+Frame layout (inside one store object; little-endian)::
+
+    +0 magic u32  +4 buffer count u32  +8 pickle length u64
+    +16 one 40-byte entry per buffer: kind, a, b, c, d (u64 each)
+        kind 0 (inline):   a = offset in this frame, b = nbytes
+        kind 1 (external): a = slot, b = generation, c = offset in that
+                           object, d = nbytes
+    then the pickle stream; then inline buffers, each 64-byte aligned
+"""
+
+from __future__ import annotations
+
+import copy
+import copyreg
+import io
+import pickle
+import struct
+import warnings
+
+import numpy as np
+
+from ._errors import (
+    ObjectNotFoundError,
+    SerializationError,
+    StoreFullError,
+)
+from ._store import ObjectRef, RawStore, StoreStatistics
+
+__all__ = ["ObjectStore", "StoreFullWarning", "DEFAULT_THRESHOLD", "writable"]
+
+#: Buffers of a message at or above this size go through the store; smaller
+#: ones are pickled in-band.  Below it, a copy into the pipe costs less than
+#: a store object (a lock round trip, a slot, a finalizer: about 30 us);
+#: benchmarks/bench_threshold.py measures the crossover.
+DEFAULT_THRESHOLD = 256 * 1024
+
+_FRAME_MAGIC = 0x31464853            # b"SHF1"
+_FRAME_HEADER = struct.Struct("<IIQ")
+_ENTRY = struct.Struct("<QQQQQ")
+_INLINE, _EXTERNAL = 0, 1
+_MSG_INBAND, _MSG_REF = b"I", b"R"
+_MSG_REF_BODY = struct.Struct("<QIQ")
+
+
+class StoreFullWarning(RuntimeWarning):
+    """A value was sent in-band because the store had no room for it."""
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+def _memoryview_from(buf, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(buf).cast("B")
+    return view.cast(fmt, shape) if fmt != "B" or len(shape) != 1 else view
+
+
+def _reduce_memoryview(view: memoryview):
+    if view.c_contiguous:
+        return _memoryview_from, (pickle.PickleBuffer(view), view.format, view.shape)
+    return _memoryview_from, (view.tobytes(), view.format, view.shape)
+
+
+def _reduce_ndarray(arr: np.ndarray):
+    # numpy pickles arrays that are neither C- nor F-contiguous in-band, as
+    # a copy.  Make them contiguous here so they too go out of band (the
+    # receiver sees the same values in C order).
+    if arr.dtype.hasobject or arr.flags.c_contiguous or arr.flags.f_contiguous:
+        return arr.__reduce_ex__(5)
+    return np.ascontiguousarray(arr).__reduce_ex__(5)
+
+
+_DISPATCH = copyreg.dispatch_table.copy()
+_DISPATCH[memoryview] = _reduce_memoryview
+_DISPATCH[np.ndarray] = _reduce_ndarray
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = _DISPATCH
+
+
+def _address(raw: memoryview) -> int:
+    return np.frombuffer(raw, np.uint8).__array_interface__["data"][0]
+
+
+def _freeze(obj) -> None:
+    """Make an ndarray (and the ndarrays it views) read-only after sealing."""
+    while isinstance(obj, np.ndarray):
+        obj.flags.writeable = False
+        obj = obj.base
+
+
+class ObjectStore:
+    """A shared-memory store of Python objects.
+
+    The constructing process owns the store: its memory is freed when the
+    owner closes it or exits, and nothing is left in ``/dev/shm`` even if
+    the owner is killed.  Pass the store to other processes as a ``Process``
+    argument or Pool ``initargs`` (fork children inherit it); they can then
+    ``get`` refs made anywhere and ``put`` their own.
+
+    Args:
+        capacity: bytes of shared memory at most (default: the free space of
+            /dev/shm).  Memory is reserved only as it is used.
+        threshold: message buffers at or above this many bytes go through
+            the store; smaller ones are pickled in-band.
+        max_objects: size of the object table.
+        space_timeout: seconds to wait for space before failing (``put``)
+            or falling back to an in-band copy (``encode``).
+
+    Thread- and process-safe.
+    """
+
+    def __init__(self, capacity: int | None = None, *, threshold: int = DEFAULT_THRESHOLD,
+                 max_objects: int | None = None, space_timeout: float | None = None) -> None:
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        kwargs = {} if space_timeout is None else {"space_timeout": space_timeout}
+        self._init(RawStore(capacity, max_objects=max_objects, **kwargs), threshold)
+
+    def _init(self, raw: RawStore, threshold: int) -> None:
+        self.raw = raw
+        self.threshold = threshold
+        self._warned_full = False
+
+    @classmethod
+    def _attach(cls, raw: RawStore, threshold: int) -> "ObjectStore":
+        store = cls.__new__(cls)
+        store._init(raw, threshold)
+        return store
+
+    def __reduce__(self):
+        return (ObjectStore._attach, (self.raw, self.threshold))
+
+    @property
+    def token(self) -> int:
+        return self.raw.token
+
+    # -- pickling ----------------------------------------------------------
+
+    def _pickle(self, obj, threshold: int):
+        """Pickle *obj*; return the stream and its out-of-band buffers as
+        ``(kind, ...)`` entries.  Nothing is allocated in the store."""
+        entries = []
+        raw_store = self.raw
+
+        def on_buffer(pb: pickle.PickleBuffer) -> bool:
+            # pickle's contract: a *false* return means "out of band".
+            try:
+                raw = pb.raw()
+            except BufferError:                 # not contiguous: pickle copies it
+                return True
+            nbytes = raw.nbytes
+            if not nbytes:
+                return True
+            found = raw_store.locate(_address(raw), nbytes) if raw_store._exports else None
+            if found is not None:
+                ref, offset = found
+                if raw_store.state_of(ref) == "created":
+                    raw_store.seal(ref)
+                    _freeze(raw.obj)
+                entries.append((_EXTERNAL, ref, offset, nbytes))
+                return False
+            if nbytes < threshold:
+                return True
+            entries.append((_INLINE, raw))
+            return False
+
+        stream = io.BytesIO()
+        try:
+            _Pickler(stream, protocol=5, buffer_callback=on_buffer).dump(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle {type(obj).__qualname__} object for the "
+                f"shared-memory store: {exc}") from exc
+        return stream.getbuffer(), entries
+
+    def _write_frame(self, header: memoryview, entries, timeout) -> ObjectRef:
+        table_end = _FRAME_HEADER.size + _ENTRY.size * len(entries)
+        offset = _round_up(table_end + header.nbytes, 64)
+        placed = []
+        deps: dict[ObjectRef, None] = {}
+        for entry in entries:
+            if entry[0] == _INLINE:
+                placed.append((_INLINE, offset, entry[1].nbytes, 0, 0))
+                offset = _round_up(offset + entry[1].nbytes, 64)
+            else:
+                _, ref, at, nbytes = entry
+                deps[ref] = None
+                placed.append((_EXTERNAL, ref.slot, ref.generation, at, nbytes))
+        builder = self.raw.create(offset, depends_on=tuple(deps), timeout=timeout)
+        with builder:
+            view = builder.view
+            _FRAME_HEADER.pack_into(view, 0, _FRAME_MAGIC, len(entries), header.nbytes)
+            for i, fields in enumerate(placed):
+                _ENTRY.pack_into(view, _FRAME_HEADER.size + _ENTRY.size * i, *fields)
+            view[table_end:table_end + header.nbytes] = header
+            for entry, fields in zip(entries, placed):
+                if entry[0] == _INLINE:
+                    view[fields[1]:fields[1] + fields[2]] = entry[1]
+        return builder.ref
+
+    def _read_frame(self, ref: ObjectRef):
+        view = self.raw.get(ref)
+        magic, count, plen = _FRAME_HEADER.unpack_from(view, 0)
+        if magic != _FRAME_MAGIC:
+            raise SerializationError(f"{ref!r} holds raw bytes, not an object put() stored")
+        buffers = []
+        for i in range(count):
+            kind, a, b, c, d = _ENTRY.unpack_from(view, _FRAME_HEADER.size + _ENTRY.size * i)
+            if kind == _INLINE:
+                buffers.append(view[a:a + b])
+            else:
+                inner = self.raw.get(ObjectRef(ref.token, a, b))
+                buffers.append(inner[c:c + d])
+        start = _FRAME_HEADER.size + _ENTRY.size * count
+        try:
+            return pickle.loads(view[start:start + plen], buffers=buffers)
+        except Exception as exc:
+            raise SerializationError(f"cannot unpickle the object behind {ref!r}: {exc}") from exc
+
+    # -- objects -----------------------------------------------------------
+
+    def put(self, obj, *, timeout: float | None = None) -> ObjectRef:
+        """Store *obj* sealed; return an owning ref.
+
+        Every out-of-band buffer goes into the store, whatever its size, so
+        ``get`` returns read-only, zero-copy arrays.  The object lives while
+        the returned ref (or any view from ``get``) lives.
+
+        Raises:
+            SerializationError: *obj* cannot be pickled.
+            StoreFullError: no room for it within *timeout* seconds.
+        """
+        header, entries = self._pickle(obj, threshold=1)
+        return self._write_frame(header, entries, timeout)
+
+    def get(self, ref: ObjectRef):
+        """Rebuild the object behind *ref*.  Arrays and buffers are read-only
+        views of shared memory that keep the object alive while they live."""
+        return self._read_frame(ref)
+
+    def release(self, ref: ObjectRef) -> None:
+        """Drop the hold the owning *ref* keeps now (views stay valid)."""
+        self.raw.release(ref)
+
+    def delete(self, ref: ObjectRef) -> None:
+        """Make the object unreachable by ``get``; drop *ref*'s hold."""
+        self.raw.delete(ref)
+
+    def contains(self, ref: ObjectRef) -> bool:
+        return self.raw.contains(ref)
+
+    def statistics(self) -> StoreStatistics:
+        return self.raw.statistics()
+
+    def empty(self, shape, dtype=float, order: str = "C") -> np.ndarray:
+        """A new writable, uninitialised array that lives in the store.
+
+        ``put`` (or returning it from a task) seals it without a copy, and
+        the array turns read-only.  Dropped unsealed, its memory is freed.
+        """
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise TypeError(
+                f"cannot place an array of dtype {dtype} in shared memory: it "
+                f"holds Python objects (use put() to store it)")
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if any(n < 0 for n in shape):
+            raise ValueError(f"negative dimensions are not allowed: {shape}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        builder = self.raw.create(nbytes)
+        return np.ndarray(shape, dtype=dtype, buffer=builder.view, order=order)
+
+    def zeros(self, shape, dtype=float, order: str = "C") -> np.ndarray:
+        """Like ``empty``, filled with zeros."""
+        arr = self.empty(shape, dtype, order)
+        arr.fill(0)
+        return arr
+
+    # -- messages ----------------------------------------------------------
+
+    def encode(self, obj) -> bytes:
+        """Serialize *obj* into a message for a pipe (see module docstring).
+
+        A message naming a store object carries one retained count: hand it
+        to ``decode`` exactly once, or to ``discard`` if it is never read.
+        """
+        header, entries = self._pickle(obj, self.threshold)
+        if not entries and header.nbytes < self.threshold:
+            return _MSG_INBAND + bytes(header)
+        try:
+            owned = self._write_frame(header, entries, timeout=None)
+        except StoreFullError as exc:
+            return self._fallback(obj, exc)
+        self.raw.retain(owned)
+        return _MSG_REF + _MSG_REF_BODY.pack(owned.token, owned.slot, owned.generation)
+
+    def _fallback(self, obj, exc: StoreFullError) -> bytes:
+        count = self.raw.record_fallback()
+        if not self._warned_full:
+            self._warned_full = True
+            warnings.warn(
+                f"the shared-memory store is full; sending values in-band "
+                f"instead (fallback #{count}; {exc}). Pass a larger capacity= "
+                f"or release results sooner",
+                StoreFullWarning, stacklevel=3)
+        stream = io.BytesIO()
+        _Pickler(stream, protocol=5).dump(obj)
+        return _MSG_INBAND + stream.getvalue()
+
+    def decode(self, message: bytes):
+        """Rebuild the object of a message made by ``encode`` (in any
+        process attached to this store), adopting its retained count."""
+        kind, body = message[:1], message[1:]
+        if kind == _MSG_INBAND:
+            try:
+                return pickle.loads(body)
+            except Exception as exc:
+                raise SerializationError(f"cannot unpickle an in-band message: {exc}") from exc
+        owned = self.raw.adopt(self._message_ref(kind, body))
+        return self._read_frame(owned)
+
+    def discard(self, message: bytes) -> None:
+        """Release what an undelivered message holds in the store."""
+        kind, body = message[:1], message[1:]
+        if kind == _MSG_REF:
+            self.raw.release_retained(self._message_ref(kind, body))
+
+    def _message_ref(self, kind: bytes, body: bytes) -> ObjectRef:
+        if kind != _MSG_REF or len(body) != _MSG_REF_BODY.size:
+            raise SerializationError(f"not a shmpool message (starts with {bytes(kind)!r})")
+        token, slot, gen = _MSG_REF_BODY.unpack(body)
+        if token != self.token:
+            raise ObjectNotFoundError(f"the message names an object of another store ({token:#x})")
+        return ObjectRef(token, slot, gen)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach this process (the owner: free the store).  Views already
+        handed out stay readable.  Idempotent."""
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def __enter__(self) -> "ObjectStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def writable(obj):
+    """Return a private, writable deep copy of *obj* (arrays, frames, nested
+    containers); the store is not involved and nothing is shared."""
+    if isinstance(obj, memoryview):
+        return _memoryview_from(bytearray(obj.tobytes()), obj.format, obj.shape)
+    return copy.deepcopy(obj)
