@@ -10,7 +10,8 @@ Allocator header (little-endian u64, at arena offset ``HEADER_SIZE``)::
     +16  in_use (bytes of used blocks)  +24  peak in_use
     +32  live blocks                    +40  bitmap of non-empty classes
     +48  heap start                     +56  heap end
-    +64  NCLASSES free-list heads (block offsets, 0 = empty)
+    +64  lock takeovers (dead holders)  +72..127 reserved
+    +128 NCLASSES free-list heads (block offsets, 0 = empty)
 
 Blocks tile ``[heap start, heap end)`` exactly.  Each is a multiple of
 ALIGNMENT bytes and starts with a 64-byte header; the payload follows, so
@@ -81,7 +82,8 @@ FIT_SCAN_LIMIT = 16
 _U64 = struct.Struct("<Q")
 _H_HOLDER, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
     HEADER_SIZE + 8 * i for i in range(8))
-_H_HEADS = HEADER_SIZE + 64
+_H_TAKEOVERS = HEADER_SIZE + 64
+_H_HEADS = HEADER_SIZE + 128
 ALLOC_HEADER_END = _H_HEADS + 8 * NCLASSES
 HEAP_START = (ALLOC_HEADER_END + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 _STEAL_BYTE = 0        # byte of the segment whose fcntl lock arbitrates steals
@@ -114,6 +116,8 @@ class AllocatorStatistics:
     """Largest payload one allocation could get right now."""
     committed: int
     """Bytes of the segment backed by reserved memory."""
+    lock_takeovers: int
+    """Times a waiter took the lock over from a holder that had died."""
 
 
 class FreeListAllocator:
@@ -219,6 +223,7 @@ class FreeListAllocator:
                 if (self._get(_H_HOLDER), self._get(_H_SEQ)) != seen:
                     return False                     # somebody else took over
                 self._on_acquired()                  # the semaphore's 0 is ours now
+                self._set(_H_TAKEOVERS, self._get(_H_TAKEOVERS) + 1)
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, _STEAL_BYTE)
         self.repair()
@@ -429,6 +434,7 @@ class FreeListAllocator:
             live_blocks=self._get(_H_LIVE),
             largest_free_block=largest,
             committed=self._arena.committed,
+            lock_takeovers=self._get(_H_TAKEOVERS),
         )
 
     def _walk(self):

@@ -83,13 +83,27 @@ def _reduce_memoryview(view: memoryview):
     return _memoryview_from, (view.tobytes(), view.format, view.shape)
 
 
+def _rebuild_ndarray(buf, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
 def _reduce_ndarray(arr: np.ndarray):
-    # numpy pickles arrays that are neither C- nor F-contiguous in-band, as
-    # a copy.  Make them contiguous here so they too go out of band (the
-    # receiver sees the same values in C order).
-    if arr.dtype.hasobject or arr.flags.c_contiguous or arr.flags.f_contiguous:
+    # numpy's own reducer pickles some arrays in-band, as a copy: those that
+    # are neither C- nor F-contiguous, and datetime/timedelta ones.  Every
+    # array without Python objects goes out of band here (a non-contiguous
+    # one is made C-contiguous first: same values, C order).
+    if arr.dtype.hasobject:
         return arr.__reduce_ex__(5)
-    return np.ascontiguousarray(arr).__reduce_ex__(5)
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        arr = np.ascontiguousarray(arr)
+    order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    # datetime64/timedelta64 export no buffer; their bytes are int64s.
+    data = arr.view(np.int64) if arr.dtype.kind in "mM" else arr
+    try:
+        buffer = pickle.PickleBuffer(data)
+    except (ValueError, BufferError):      # a dtype numpy cannot export
+        return arr.__reduce_ex__(5)
+    return _rebuild_ndarray, (buffer, arr.dtype, arr.shape, order)
 
 
 _DISPATCH = copyreg.dispatch_table.copy()

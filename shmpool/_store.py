@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from multiprocessing import util
 import struct
 import time
 import weakref
@@ -147,6 +148,8 @@ class StoreStatistics:
     """Values sent in-band because the store had no room for them."""
     attached_processes: int
     """Processes holding an index in the process table (dead ones until reaped)."""
+    lock_takeovers: int
+    """Times a process took the lock over from a holder that had died."""
     max_objects: int
     """Size of the object table."""
 
@@ -248,6 +251,14 @@ class RawStore:
         with alloc.locked():
             self._index = self._claim_process_index_locked()
         _open_stores.add(self)
+        self._close_at_exit()
+
+    def _close_at_exit(self) -> None:
+        # multiprocessing runs these finalizers when a worker process ends
+        # (it leaves by os._exit, which skips atexit) and at interpreter
+        # exit; the lowest priority runs them after pools have stopped.
+        util.Finalize(self, RawStore.close, args=(self,), exitpriority=-10)
+        util.register_after_fork(self, RawStore._close_at_exit)
 
     def __reduce__(self):
         self._check_open()
@@ -329,6 +340,10 @@ class RawStore:
             raise ObjectNotFoundError(
                 f"{ref!r} names no live object: it was freed, or never existed "
                 f"(keep the ref returned by put() alive while others read it)")
+        if fields[4] == DELETED and DELETED not in states:
+            raise ObjectNotFoundError(
+                f"{ref!r} was deleted (or aborted): its remaining views stay "
+                f"valid, but it cannot be read again")
         if fields[4] not in states:
             raise ObjectStateError(
                 f"{ref!r} is {_STATE_NAMES[fields[4]]}, expected "
@@ -648,7 +663,7 @@ class RawStore:
             capacity=a.capacity, in_use=a.in_use, peak_in_use=a.peak_in_use,
             live_objects=live, largest_free_block=a.largest_free_block,
             committed=a.committed, fallbacks=fallbacks, attached_processes=procs,
-            max_objects=self._max_objects)
+            lock_takeovers=a.lock_takeovers, max_objects=self._max_objects)
 
     # -- repair and invariants ---------------------------------------------
 

@@ -1,0 +1,53 @@
+"""Helpers for testing code that uses shmpool (and shmpool's own tests).
+
+The one sanctioned place that looks at internals: what a process holds in
+``/dev/shm``, and the invariant checks of a store.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import _posix, _tracker
+from ._serialization import ObjectStore
+from ._store import RawStore
+
+__all__ = [
+    "live_names",
+    "leaked_names",
+    "sweep_dead_owners",
+    "check_invariants",
+    "raw_store",
+]
+
+
+def live_names() -> set[str]:
+    """Every shmpool name currently in ``/dev/shm`` (semaphores and segments)."""
+    return {name for name, _ in _posix.leftover_names()}
+
+
+def leaked_names(since: set[str], timeout: float = 5.0) -> set[str]:
+    """Names that appeared after the snapshot *since* and are still there
+    after waiting up to *timeout* seconds for them to go (cleanup by another
+    process, such as the resource tracker, may take a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        extra = live_names() - since
+        if not extra or time.monotonic() >= deadline:
+            return extra
+        time.sleep(0.05)      # polling a directory; there is no event to wait on
+
+
+def sweep_dead_owners() -> list[str]:
+    """Remove names left by dead owners now (normally done on first start)."""
+    return _tracker.sweep_dead_owners(force=True)
+
+
+def raw_store(store: ObjectStore | RawStore) -> RawStore:
+    """The byte-level store behind an ObjectStore."""
+    return store.raw if isinstance(store, ObjectStore) else store
+
+
+def check_invariants(store: ObjectStore | RawStore) -> None:
+    """Walk the arena and assert every allocator and object-table invariant."""
+    raw_store(store)._check_invariants()
