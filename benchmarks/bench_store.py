@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import pickle
 import statistics
 import time
@@ -222,6 +223,11 @@ def print_report(rows: list[dict], alloc: dict, cross: dict, repeats: int) -> No
           f"{target['shmpool_over_memcpy']:.2f} (target <= {TARGET_RATIO})")
 
 
+def own_names_in_dev_shm() -> set[str]:
+    """Names this process created that are still in /dev/shm."""
+    return {n for n in testing.live_names() if f"/shmp_{os.getpid()}_" in n}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -231,14 +237,13 @@ def main() -> None:
     repeats = 5 if args.quick else 9
     sizes = [n for n in SIZES if not args.quick or n <= QUICK_MAX_SIZE]
 
-    names_before = testing.live_names()
     with ObjectStore(STORE_CAPACITY) as store:
         rows = [bench_size(store, n, repeats) for n in sizes]
         cross = bench_cross_process(store, repeats)
     alloc = bench_allocator(repeats)
     print_report(rows, alloc, cross, repeats)
 
-    leftovers = testing.leaked_names(since=names_before)
+    leftovers = own_names_in_dev_shm()
     if leftovers:
         print(f"LEAK: left in /dev/shm: {sorted(leftovers)}")
     if args.json:

@@ -18,12 +18,13 @@ reported with the min-max range.  The library's default is
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import numpy as np
 
-from shmpool import ObjectStore
+from shmpool import ObjectStore, testing
 from shmpool._serialization import DEFAULT_THRESHOLD
 
 KIB, MIB = 1024, 1024 * 1024
@@ -97,6 +98,11 @@ def print_report(rows: list[dict]) -> None:
           f"(library default threshold: {size_label(DEFAULT_THRESHOLD)})")
 
 
+def own_names_in_dev_shm() -> set[str]:
+    """Names this process created that are still in /dev/shm."""
+    return {n for n in testing.live_names() if f"/shmp_{os.getpid()}_" in n}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -106,6 +112,9 @@ def main() -> None:
         rows = [bench_size(via_store, in_band, n, repeats_for(n, args.quick))
                 for n in SIZES]
     print_report(rows)
+    leftovers = own_names_in_dev_shm()
+    if leftovers:
+        print(f"LEAK: left in /dev/shm: {sorted(leftovers)}")
 
 
 if __name__ == "__main__":

@@ -202,14 +202,17 @@ class ObjectStore:
             entries.append((_INLINE, raw))
             return False
 
+        # The stream starts with the in-band message tag, so that an in-band
+        # message is the stream itself: no further copy.
         stream = io.BytesIO()
+        stream.write(_MSG_INBAND)
         try:
             _Pickler(stream, protocol=5, buffer_callback=on_buffer).dump(obj)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle {type(obj).__qualname__} object for the "
                 f"shared-memory store: {exc}") from exc
-        return stream.getbuffer(), entries
+        return stream, entries
 
     def _write_frame(self, header: memoryview, entries, timeout) -> ObjectRef:
         table_end = _FRAME_HEADER.size + _ENTRY.size * len(entries)
@@ -268,8 +271,8 @@ class ObjectStore:
             SerializationError: *obj* cannot be pickled.
             StoreFullError: no room for it within *timeout* seconds.
         """
-        header, entries = self._pickle(obj, threshold=1)
-        return self._write_frame(header, entries, timeout)
+        stream, entries = self._pickle(obj, threshold=1)
+        return self._write_frame(stream.getbuffer()[1:], entries, timeout)
 
     def get(self, ref: ObjectRef):
         """Rebuild the object behind *ref*.  Arrays and buffers are read-only
@@ -322,11 +325,11 @@ class ObjectStore:
         A message naming a store object carries one retained count: hand it
         to ``decode`` exactly once, or to ``discard`` if it is never read.
         """
-        header, entries = self._pickle(obj, self.threshold)
-        if not entries and header.nbytes < self.threshold:
-            return _MSG_INBAND + bytes(header)
+        stream, entries = self._pickle(obj, self.threshold)
+        if not entries and stream.tell() <= self.threshold:
+            return stream.getvalue()
         try:
-            owned = self._write_frame(header, entries, timeout=None)
+            owned = self._write_frame(stream.getbuffer()[1:], entries, timeout=None)
         except StoreFullError as exc:
             return self._fallback(obj, exc)
         self.raw.retain(owned)
@@ -342,13 +345,14 @@ class ObjectStore:
                 f"or release results sooner",
                 StoreFullWarning, stacklevel=3)
         stream = io.BytesIO()
+        stream.write(_MSG_INBAND)
         _Pickler(stream, protocol=5).dump(obj)
-        return _MSG_INBAND + stream.getvalue()
+        return stream.getvalue()
 
     def decode(self, message: bytes):
         """Rebuild the object of a message made by ``encode`` (in any
         process attached to this store), adopting its retained count."""
-        kind, body = message[:1], message[1:]
+        kind, body = message[:1], memoryview(message)[1:]
         if kind == _MSG_INBAND:
             try:
                 return pickle.loads(body)
@@ -359,7 +363,7 @@ class ObjectStore:
 
     def discard(self, message: bytes) -> None:
         """Release what an undelivered message holds in the store."""
-        kind, body = message[:1], message[1:]
+        kind, body = message[:1], memoryview(message)[1:]
         if kind == _MSG_REF:
             self.raw.release_retained(self._message_ref(kind, body))
 

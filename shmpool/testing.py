@@ -6,6 +6,7 @@ The one sanctioned place that looks at internals: what a process holds in
 
 from __future__ import annotations
 
+import os
 import time
 
 from . import _posix, _tracker
@@ -27,12 +28,16 @@ def live_names() -> set[str]:
 
 
 def leaked_names(since: set[str], timeout: float = 5.0) -> set[str]:
-    """Names that appeared after the snapshot *since* and are still there
-    after waiting up to *timeout* seconds for them to go (cleanup by another
-    process, such as the resource tracker, may take a moment)."""
+    """Names that appeared after the snapshot *since*, are owned by this
+    process or by a dead one, and are still there after waiting up to
+    *timeout* seconds for them to go (the resource tracker, another process,
+    may take a moment).  Names of other live processes (a parallel test
+    worker) are not this process's leaks."""
+    me = os.getpid()
     deadline = time.monotonic() + timeout
     while True:
-        extra = live_names() - since
+        extra = {name for name, pid in _posix.leftover_names()
+                 if name not in since and (pid == me or not _posix.process_is_alive(pid))}
         if not extra or time.monotonic() >= deadline:
             return extra
         time.sleep(0.05)      # polling a directory; there is no event to wait on

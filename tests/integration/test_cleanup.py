@@ -1,0 +1,148 @@
+"""Nothing is left in /dev/shm, however the owner of a store ends."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+from shmpool import testing
+
+from conftest import DEADLOCK_TIMEOUT
+
+pytestmark = pytest.mark.crash
+
+OWNER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import shmpool
+    from shmpool import testing
+
+    store = shmpool.ObjectStore(64 << 20)
+    ref = store.put(np.ones(1 << 20))
+    view = store.get(ref)
+    print(" ".join(sorted(n for n in testing.live_names() if f"_{os.getpid()}_" in n)), flush=True)
+    how = sys.argv[1]
+    if how == "close":
+        store.close()
+    elif how == "exception":
+        raise RuntimeError("the owner fails")
+    elif how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    # "exit": leave without closing anything
+""")
+
+GROUP = textwrap.dedent("""
+    import multiprocessing, os, sys
+    import numpy as np
+    import shmpool
+
+    def reader(store, ref, ready):
+        view = store.get(ref)
+        ready.set()
+        multiprocessing.Event().wait()          # block until killed
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context(sys.argv[1])
+        store = shmpool.ObjectStore(64 << 20)
+        ref = store.put(np.ones(1 << 20))
+        ready = ctx.Event()
+        child = ctx.Process(target=reader, args=(store, ref, ready))
+        child.start()
+        if not ready.wait(60):
+            sys.exit("the reader never attached")
+        print("ready", flush=True)
+        sys.stdin.read()                        # block until killed
+""")
+
+
+def _run_owner(how):
+    proc = subprocess.run([sys.executable, "-c", OWNER, how], capture_output=True,
+                          text=True, timeout=DEADLOCK_TIMEOUT)
+    return proc, proc.stdout.split()
+
+
+@pytest.mark.parametrize("how", ["close", "exit", "exception", "sigkill"])
+def test_owner_leaves_nothing_behind(how):
+    before = testing.live_names()
+    proc, names = _run_owner(how)
+    expected_rc = {"close": 0, "exit": 0, "exception": 1, "sigkill": -signal.SIGKILL}[how]
+    assert proc.returncode == expected_rc, proc.stderr
+    # While it lived, the store had exactly one name, its semaphore: the
+    # segment is unlinked at birth and passed by descriptor.
+    assert len(names) == 1 and names[0].startswith("sem:/shmp_"), names
+    assert not testing.leaked_names(since=before, timeout=10.0)
+
+
+def test_names_are_private_to_their_user(store):
+    sem_names = [n for n in testing.live_names() if f"_{os.getpid()}_" in n]
+    assert sem_names
+    for name in sem_names:
+        path = "/dev/shm/sem." + name.split(":/", 1)[1]
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert len(name.rsplit("_", 1)[1]) == 16       # 64 random bits
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_sigkill_of_whole_process_group_is_swept_on_next_start(method, tmp_path):
+    script = tmp_path / "group.py"           # a file: spawn children import it
+    script.write_text(GROUP)
+    before = testing.live_names()
+    proc = subprocess.Popen([sys.executable, str(script), method], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)             # owner, reader and tracker
+        proc.wait(DEADLOCK_TIMEOUT)
+        proc.stdout.close()
+        proc.stdin.close()
+    # Every process that could clean up is dead (the resource tracker is in
+    # the group too), so the semaphore's name is still there ...
+    assert testing.leaked_names(since=before, timeout=0)
+    # ... until the next start sweeps names whose owner is dead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        testing.sweep_dead_owners()
+    assert not testing.leaked_names(since=before, timeout=DEADLOCK_TIMEOUT / 6)
+
+
+def test_attached_reader_keeps_working_after_owner_is_killed(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, os, signal, sys
+        import numpy as np
+        import shmpool
+
+        def reader(store, ref, ready, go, out):
+            view = store.get(ref)
+            ready.set()
+            go.wait(60)
+            out.put(float(view.sum()))
+
+        if __name__ == "__main__":
+            ctx = multiprocessing.get_context("spawn")
+            store = shmpool.ObjectStore(64 << 20)
+            ref = store.put(np.ones(1000))
+            ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+            child = ctx.Process(target=reader, args=(store, ref, ready, go, out))
+            child.start()
+            if not ready.wait(60):
+                sys.exit("the reader never attached")
+            # Kill the owner's memory: close the store, then die hard.
+            store.close()
+            del ref
+            go.set()
+            print(out.get(timeout=60), flush=True)
+            child.join(60)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    before = testing.live_names()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=DEADLOCK_TIMEOUT)
+    assert proc.stdout.strip() == "1000.0", proc.stderr
+    assert not testing.leaked_names(since=before, timeout=10.0)
