@@ -359,20 +359,21 @@ class RawStore:
                          mask & (2**64 - 1), mask >> 64)
 
     def _maybe_free_locked(self, slot: int) -> None:
-        """Free *slot*'s object if nothing holds it any more."""
+        """Free *slot*'s object if nothing holds it any more, then drop the
+        counts it held on its dependencies (which may free them in turn).
+
+        Order matters if this process dies midway: the slot is marked free
+        first (a repair then frees the orphaned block), and dependencies are
+        released last, so a crash can leak a dependency but never release
+        one twice.
+        """
         pending = [slot]
         while pending:
             slot = pending.pop()
             gen, block, _, _, state, retained, lo, hi, _, ndeps = self._read_slot(slot)
             if state == FREE or retained or lo or hi:
                 continue
-            for i in range(ndeps):
-                dslot, dgen = _DEP.unpack_from(self._buf, block + 16 * i)
-                dat = self._slot_at(dslot)
-                if _U64.unpack_from(self._buf, dat)[0] == dgen:
-                    r = _U32.unpack_from(self._buf, dat + 36)[0]
-                    _U32.pack_into(self._buf, dat + 36, max(r - 1, 0))
-                    pending.append(dslot)
+            deps = [_DEP.unpack_from(self._buf, block + 16 * i) for i in range(ndeps)]
             at = self._slot_at(slot)
             _U32.pack_into(self._buf, at + 32, FREE)        # stale refs now fail
             _U64.pack_into(self._buf, at + 8, _U64.unpack_from(
@@ -380,6 +381,12 @@ class RawStore:
             _U64.pack_into(self._buf, self._table + _T_FREE_HEAD, slot + 1)
             self._add_live(-1)
             self._alloc.free_locked(block)
+            for dslot, dgen in deps:
+                dat = self._slot_at(dslot)
+                if _U64.unpack_from(self._buf, dat)[0] == dgen:
+                    r = _U32.unpack_from(self._buf, dat + 36)[0]
+                    _U32.pack_into(self._buf, dat + 36, max(r - 1, 0))
+                    pending.append(dslot)
 
     def _add_live(self, delta: int) -> None:
         at = self._table + _T_LIVE
@@ -521,10 +528,13 @@ class RawStore:
         for i, (d, fields) in enumerate(zip(depends_on, dep_fields)):
             _DEP.pack_into(self._buf, block + 16 * i, d.slot, d.generation)
             _U32.pack_into(self._buf, self._slot_at(d.slot) + 36, fields[5] + 1)
-        _SLOT.pack_into(self._buf, at, gen, block, block + deps_bytes, nbytes,
-                        CREATED, 0, 0, 0, self._index, len(depends_on))
+        # The slot appears with the creator's hold in one write, so that a
+        # creator killed right after still has its hold found and released.
+        mask = 1 << self._index
+        _SLOT.pack_into(self._buf, at, gen, block, block + deps_bytes, nbytes, CREATED,
+                        0, mask & (2**64 - 1), mask >> 64, self._index, len(depends_on))
+        self._local[(slot, gen)] = 1      # the writable view's hold
         self._add_live(1)
-        self._hold_locked(slot, gen)      # the writable view's hold
         return slot, gen, block + deps_bytes
 
     def seal(self, ref: ObjectRef) -> ObjectRef:
@@ -669,7 +679,8 @@ class RawStore:
 
     def _repair_locked(self) -> None:
         """After a lock takeover: rebuild the free-slot list and live count
-        from slot states, and free blocks no slot refers to."""
+        from slot states, free blocks no slot refers to, and free objects
+        nothing holds (a holder died between two steps of freeing them)."""
         referenced = {self._table}
         free_slots = []
         live = 0
@@ -686,9 +697,11 @@ class RawStore:
             head = slot + 1
         _U64.pack_into(self._buf, self._table + _T_FREE_HEAD, head)
         _U64.pack_into(self._buf, self._table + _T_LIVE, live)
-        for payload, used in self._alloc.blocks():
+        for payload, used in list(self._alloc.blocks()):
             if used and payload not in referenced:
                 self._alloc.free_locked(payload)
+        for slot in range(self._max_objects):
+            self._maybe_free_locked(slot)
 
     def _check_invariants(self) -> None:
         """Assert the allocator's invariants and the table's: every non-free
