@@ -341,9 +341,20 @@ class FreeListAllocator:
         if off < start or off >= end or off % ALIGNMENT:
             raise ObjectStateError(f"offset {offset} is not a payload of this arena")
         tag = self._get(off)
-        if not tag & ALLOCATED:
-            raise ObjectStateError(f"block at offset {offset} is not allocated (double free?)")
         size = tag & ~ALLOCATED
+        # A tag is trusted only if it describes a whole allocated block: the
+        # offset may be stale, its old header since overwritten by a payload.
+        if (not tag & ALLOCATED or size < MIN_BLOCK or size % ALIGNMENT
+                or off + size > end
+                or (off + size < end and self._get(off + size - 8) != tag)):
+            raise ObjectStateError(
+                f"offset {offset} is not an allocated block (freed twice, or "
+                f"never returned by this allocator)")
+        # Mark the block free before merging: if it merges into a free block
+        # before it, this header is no longer a block start, and must not
+        # still read "allocated" (a second free would be accepted).  The walk
+        # sees adjacent free blocks until the merge; repair() coalesces them.
+        self._set(off, size)
         self._set(_H_IN_USE, self._get(_H_IN_USE) - size)
         self._set(_H_LIVE, self._get(_H_LIVE) - 1)
         first, total = off, size

@@ -180,9 +180,9 @@ class Arena:
         room left; the caller must then not touch bytes past ``committed``.
         """
         committed = self.committed
-        if end <= committed:
-            return True
         new_end = min(_round_up(end, COMMIT_CHUNK), self.capacity)
+        if new_end <= committed:
+            return True
         if not _posix.commit_pages(self._fd, committed, new_end - committed):
             return False
         _COMMITTED.pack_into(self._mmap, _COMMITTED_AT, new_end)

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -47,7 +47,10 @@ from shmpool._errors import ObjectNotFoundError, ObjectStateError, StoreFullErro
 from shmpool._store import ObjectRef, RawStore
 
 ARENA_CAPACITY = 256 * 1024
-STORE_CAPACITY = 1024 * 1024
+#: Small, with few slots, so that runs of 50 steps do fill the store (by
+#: space or by slots) now and then.
+STORE_CAPACITY = 256 * 1024
+STORE_MAX_OBJECTS = 16
 
 #: Steps per run; the number of runs comes from the loaded profile.
 STATEFUL_SETTINGS = settings(stateful_step_count=50, deadline=None)
@@ -106,6 +109,7 @@ class AllocatorModel(RuleBasedStateMachine):
         self.heap_size = self.alloc.statistics().capacity
         self.heap_start = self.alloc.heap_end - self.heap_size
         self.model: dict[int, tuple[int, int]] = {}      # off -> (nbytes, byte)
+        self.freed: list[int] = []                        # offsets given back
         self.serial = 0
 
     # -- helpers -------------------------------------------------------------
@@ -153,6 +157,7 @@ class AllocatorModel(RuleBasedStateMachine):
     def allocate(self, nbytes):
         off = self.alloc.try_allocate(nbytes)
         if off is None:                  # full is legal, if it is really full
+            event("allocate: arena full")
             _assert_allocation_could_fail(self.alloc, nbytes)
             return multiple()
         return self._record(off, nbytes)
@@ -178,6 +183,20 @@ class AllocatorModel(RuleBasedStateMachine):
         self._check_pattern(off)
         del self.model[off]
         self.alloc.free(off)
+        self.freed.append(off)
+
+    @rule(data=st.data())
+    def double_free_is_refused(self, data):
+        """Freeing an offset again, while it lies in free space (also once
+        merged into a neighbour), is an error that changes nothing."""
+        in_free_space = [off for off in self.freed
+                         if not any(lo <= off - BLOCK_HEADER < hi
+                                    for lo, hi in map(self._extent, self.model))]
+        if not in_free_space:
+            return
+        off = data.draw(st.sampled_from(in_free_space))
+        with pytest.raises(ObjectStateError):
+            self.alloc.free(off)
 
     @rule(nbytes=st.integers(-3, -1))
     def negative_size_is_refused(self, nbytes):
@@ -243,7 +262,7 @@ class StoreModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store = RawStore(STORE_CAPACITY)
+        self.store = RawStore(STORE_CAPACITY, max_objects=STORE_MAX_OBJECTS)
         self.baseline = self.store.statistics().in_use       # the object table
         self.objects: dict[tuple[int, int], _Obj] = {}       # live objects
         self.views: list[tuple[tuple[int, int], memoryview]] = []
@@ -278,14 +297,18 @@ class StoreModel(RuleBasedStateMachine):
 
     # -- rules -----------------------------------------------------------------
 
-    @rule(target=refs, nbytes=st.integers(0, 32 * 1024))
+    @rule(target=refs, nbytes=st.one_of(st.integers(0, 32 * 1024),
+                                        st.integers(24 * 1024, 32 * 1024)))
     def put(self, nbytes):
         try:
             builder = self.store.create(nbytes, timeout=0)
         except StoreFullError:
             stats = self.store.statistics()
             if stats.live_objects < stats.max_objects:
+                event("put: store full (space)")
                 _assert_allocation_could_fail(self.store._alloc, nbytes)
+            else:
+                event("put: store full (slots)")
             return multiple()
         self.serial += 1
         byte = self.serial % 255 + 1
@@ -394,7 +417,11 @@ class StoreModel(RuleBasedStateMachine):
                     obj.owner = None
             self.views.clear()
             self.objects.clear()
-            gc.collect()
+            # Every view already died by refcount or in drop_view's
+            # collection, so the young generations are all there is to
+            # collect; a full collection walks Hypothesis's whole heap (~20 ms
+            # a run, growing) and made the expensive profile crawl.
+            gc.collect(1)
             stats = self.store.statistics()
             assert stats.live_objects == 0
             assert stats.in_use == self.baseline
@@ -500,6 +527,9 @@ def test_two_processes_share_one_arena(method):
             barrier.wait(DEADLOCK_TIMEOUT)
             _alloc_free_loop(alloc, arena.buf, seed, TWO_PROCESS_STEPS, who=0)
             status, detail = results.get(timeout=DEADLOCK_TIMEOUT)
+        except BaseException as exc:
+            exc.add_note(f"parent seed {seed}, child seed {seed + 1}")
+            raise
         finally:
             barrier.abort()           # frees a child still waiting if we failed early
             proc.join(DEADLOCK_TIMEOUT)
