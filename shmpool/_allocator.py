@@ -93,6 +93,21 @@ def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
+# The pid, cached: os.getpid() is a system call, and a pending SIGKILL is
+# delivered on the way out of one.  Made between taking the semaphore and
+# recording the holder, it would put the victim's death exactly where its
+# holder pid is not yet written, the case that costs waiters AMBIGUOUS_HOLD.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
 def _size_class(size: int) -> int:
     return min((size >> 6).bit_length() - 1, NCLASSES - 1)
 
@@ -168,7 +183,7 @@ class FreeListAllocator:
         _U64.pack_into(self._buf, off, value)
 
     def _on_acquired(self) -> None:
-        self._set(_H_HOLDER, os.getpid())
+        self._set(_H_HOLDER, _pid)
         self._set(_H_SEQ, self._get(_H_SEQ) + 1)
 
     def try_lock(self) -> bool:
