@@ -6,6 +6,7 @@ This module only re-exports; the code lives in the underscore modules.
 from ._default_store import empty, get, put, statistics, zeros
 from ._errors import (
     BrokenArenaError,
+    BrokenPoolError,
     ClosedError,
     ObjectNotFoundError,
     ObjectStateError,
@@ -13,6 +14,7 @@ from ._errors import (
     ShmpoolError,
     StoreError,
     StoreFullError,
+    WorkerDiedError,
 )
 from ._serialization import ObjectStore, StoreFullWarning, writable
 from ._store import ObjectRef, StoreStatistics
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokenArenaError",
+    "BrokenPoolError",
     "ClosedError",
     "ObjectNotFoundError",
     "ObjectRef",
@@ -32,6 +35,7 @@ __all__ = [
     "StoreFullError",
     "StoreFullWarning",
     "StoreStatistics",
+    "WorkerDiedError",
     "empty",
     "get",
     "put",

@@ -11,6 +11,8 @@
     +-- BrokenArenaError                          someone else broke it: bad magic,
     |                                             lock holder that never comes back
     +-- SerializationError   [pickle.PicklingError]  names the type; __cause__ = original
+    +-- BrokenPoolError      [concurrent.futures.process.BrokenProcessPool]
+        +-- WorkerDiedError                       .pid, .exitcode; names the signal
 
 Every new error also subclasses the standard library type a drop-in user
 would already catch (bracketed above).  Messages are lowercase, name the
@@ -21,6 +23,8 @@ errors raised in a worker cross a process boundary.
 from __future__ import annotations
 
 import pickle
+import signal
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "ShmpoolError",
@@ -31,6 +35,8 @@ __all__ = [
     "ClosedError",
     "BrokenArenaError",
     "SerializationError",
+    "BrokenPoolError",
+    "WorkerDiedError",
 ]
 
 
@@ -78,3 +84,33 @@ class SerializationError(ShmpoolError, pickle.PicklingError):
     The message names the object's type; ``__cause__`` is the original
     exception raised by pickle or by the object's own reducer.
     """
+
+
+class BrokenPoolError(ShmpoolError, BrokenProcessPool):
+    """The pool cannot run this task: it was terminated, or broke."""
+
+
+class WorkerDiedError(BrokenPoolError):
+    """The worker process running the task died before answering.
+
+    ``pid`` and ``exitcode`` (negative: the signal) name the process.  The
+    pool has already replaced it; other tasks are unaffected.
+    """
+
+    def __init__(self, pid: int, exitcode: int | None) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        if exitcode is not None and exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-exitcode}"
+        else:
+            how = f"exited with code {exitcode}"
+        super().__init__(
+            f"worker process {pid} {how} while running the task (exitcode "
+            f"{exitcode}); the pool replaced it (a crash in the task, os._exit, "
+            f"or the OOM killer are the usual causes)")
+
+    def __reduce__(self):
+        return (type(self), (self.pid, self.exitcode))

@@ -60,7 +60,7 @@ _FRAME_MAGIC = 0x31464853            # b"SHF1"
 _FRAME_HEADER = struct.Struct("<IIQ")
 _ENTRY = struct.Struct("<QQQQQ")
 _INLINE, _EXTERNAL = 0, 1
-_MSG_INBAND, _MSG_REF = b"I", b"R"
+_MSG_INBAND, _MSG_REF, _MSG_BORROWED = b"I", b"R", b"B"
 _MSG_REF_BODY = struct.Struct("<QIQ")
 
 
@@ -325,15 +325,27 @@ class ObjectStore:
         A message naming a store object carries one retained count: hand it
         to ``decode`` exactly once, or to ``discard`` if it is never read.
         """
+        message, owned = self._encode(obj, _MSG_REF)
+        if owned is not None:
+            self.raw.retain(owned)
+        return message
+
+    def encode_held(self, obj) -> tuple[bytes, ObjectRef | None]:
+        """Like ``encode``, but the message holds nothing: the sender keeps
+        the returned owning ref (None for an in-band message) until the
+        receiver is done, then drops it.  Nothing leaks if the receiver dies.
+        """
+        return self._encode(obj, _MSG_BORROWED)
+
+    def _encode(self, obj, kind: bytes) -> tuple[bytes, ObjectRef | None]:
         stream, entries = self._pickle(obj, self.threshold)
         if not entries and stream.tell() <= self.threshold:
-            return stream.getvalue()
+            return stream.getvalue(), None
         try:
             owned = self._write_frame(stream.getbuffer()[1:], entries, timeout=None)
         except StoreFullError as exc:
-            return self._fallback(obj, exc)
-        self.raw.retain(owned)
-        return _MSG_REF + _MSG_REF_BODY.pack(owned.token, owned.slot, owned.generation)
+            return self._fallback(obj, exc), None
+        return kind + _MSG_REF_BODY.pack(owned.token, owned.slot, owned.generation), owned
 
     def _fallback(self, obj, exc: StoreFullError) -> bytes:
         count = self.raw.record_fallback()
@@ -352,23 +364,23 @@ class ObjectStore:
     def decode(self, message: bytes):
         """Rebuild the object of a message made by ``encode`` (in any
         process attached to this store), adopting its retained count."""
-        kind, body = message[:1], memoryview(message)[1:]
+        kind, body = bytes(message[:1]), memoryview(message)[1:]
         if kind == _MSG_INBAND:
             try:
                 return pickle.loads(body)
             except Exception as exc:
                 raise SerializationError(f"cannot unpickle an in-band message: {exc}") from exc
-        owned = self.raw.adopt(self._message_ref(kind, body))
-        return self._read_frame(owned)
+        ref = self._message_ref(kind, body)
+        return self._read_frame(self.raw.adopt(ref) if kind == _MSG_REF else ref)
 
     def discard(self, message: bytes) -> None:
         """Release what an undelivered message holds in the store."""
-        kind, body = message[:1], memoryview(message)[1:]
+        kind, body = bytes(message[:1]), memoryview(message)[1:]
         if kind == _MSG_REF:
             self.raw.release_retained(self._message_ref(kind, body))
 
     def _message_ref(self, kind: bytes, body: bytes) -> ObjectRef:
-        if kind != _MSG_REF or len(body) != _MSG_REF_BODY.size:
+        if kind not in (_MSG_REF, _MSG_BORROWED) or len(body) != _MSG_REF_BODY.size:
             raise SerializationError(f"not a shmpool message (starts with {bytes(kind)!r})")
         token, slot, gen = _MSG_REF_BODY.unpack(body)
         if token != self.token:

@@ -1,6 +1,7 @@
 """The error tree: stdlib bases, pickling across processes, messages."""
 
 import concurrent.futures
+import concurrent.futures.process
 import pickle
 
 import pytest
@@ -8,7 +9,15 @@ import pytest
 import shmpool
 from shmpool import _errors
 
-ALL_ERRORS = [getattr(_errors, name) for name in _errors.__all__]
+ALL_ERRORS = [getattr(_errors, name) for name in _errors.__all__
+              if name != "WorkerDiedError"]
+
+
+def test_worker_died_error_pickles_and_names_pid_and_signal():
+    err = pickle.loads(pickle.dumps(shmpool.WorkerDiedError(4242, -9)))
+    assert (err.pid, err.exitcode) == (4242, -9)
+    assert "4242" in str(err) and "SIGKILL" in str(err)
+    assert isinstance(err, concurrent.futures.process.BrokenProcessPool)
 
 
 @pytest.mark.parametrize("cls", ALL_ERRORS)
