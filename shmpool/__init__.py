@@ -3,6 +3,7 @@
 This module only re-exports; the code lives in the underscore modules.
 """
 
+from ._context import get_context
 from ._default_store import empty, get, put, statistics, zeros
 from ._errors import (
     BrokenArenaError,
@@ -16,19 +17,26 @@ from ._errors import (
     StoreFullError,
     WorkerDiedError,
 )
+from ._pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool, PoolStatistics
 from ._serialization import ObjectStore, StoreFullWarning, writable
 from ._store import ObjectRef, StoreStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyResult",
+    "AsyncResult",
     "BrokenArenaError",
     "BrokenPoolError",
     "ClosedError",
+    "IMapIterator",
+    "MapResult",
     "ObjectNotFoundError",
     "ObjectRef",
     "ObjectStateError",
     "ObjectStore",
+    "Pool",
+    "PoolStatistics",
     "SerializationError",
     "ShmpoolError",
     "StoreError",
@@ -38,6 +46,7 @@ __all__ = [
     "WorkerDiedError",
     "empty",
     "get",
+    "get_context",
     "put",
     "statistics",
     "writable",

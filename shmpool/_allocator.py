@@ -4,7 +4,7 @@ Every attached process runs this code against the same bytes, so nothing
 of the allocator is kept in Python objects: any process can allocate, and
 any process can free what another allocated.
 
-Allocator header (little-endian u64, at arena offset ``HEADER_SIZE``)::
+Allocator header (native u64, at arena offset ``HEADER_SIZE``)::
 
     +0   lock holder pid (0 = nobody)   +8   lock acquisitions (sequence)
     +16  in_use (bytes of used blocks)  +24  peak in_use
@@ -79,7 +79,11 @@ LOCK_TIMEOUT = 60.0
 #: Exact-class candidates inspected before moving to a larger class.
 FIT_SCAN_LIMIT = 16
 
-_U64 = struct.Struct("<Q")
+# Native formats on purpose: the standard-size ("<") packers store a u64 one
+# byte at a time, so a process SIGKILLed mid-store would leave a torn value;
+# native packers copy each field with one store.  The layout is this
+# machine's, which is the only machine that maps it.
+_U64 = struct.Struct("Q")
 _H_HOLDER, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
     HEADER_SIZE + 8 * i for i in range(8))
 _H_TAKEOVERS = HEADER_SIZE + 64

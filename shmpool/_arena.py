@@ -13,7 +13,7 @@ grows, in COMMIT_CHUNK steps.  A full ``/dev/shm`` therefore shows up as a
 failed commit, which the layers above turn into StoreFullError or a fallback,
 never as a SIGBUS on first touch.
 
-Arena header (little-endian u64 at offsets from the segment start)::
+Arena header (native u64 at offsets from the segment start)::
 
     +0  magic b"SHMPOOL\\x01"    +8  capacity (bytes)     +16 owner pid
     +24 committed (bytes)        +32 token (random u64)   +40..63 reserved
@@ -45,8 +45,12 @@ COMMIT_CHUNK = 2 * 1024 * 1024
 #: The smallest arena worth creating (tests use small ones on purpose).
 MIN_CAPACITY = 64 * 1024
 
-_HEADER = struct.Struct("<8sQQQQ")
-_COMMITTED = struct.Struct("<Q")
+# Native formats on purpose: the standard-size ("<") packers store a u64 one
+# byte at a time, so a process SIGKILLed mid-store would leave a torn value;
+# native packers copy each field with one store.  The layout is this
+# machine's, which is the only machine that maps it.
+_HEADER = struct.Struct("8sQQQQ")
+_COMMITTED = struct.Struct("Q")
 _COMMITTED_AT = 24
 
 

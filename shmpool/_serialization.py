@@ -20,7 +20,7 @@ adopts.  If the store stays full for ``space_timeout`` seconds, the value
 falls back to an in-band pickle, with a warning (once) and a count in
 ``statistics().fallbacks``: never an error where ``multiprocessing`` worked.
 
-Frame layout (inside one store object; little-endian)::
+Frame layout (inside one store object; native byte order)::
 
     +0 magic u32  +4 buffer count u32  +8 pickle length u64
     +16 one 40-byte entry per buffer: kind, a, b, c, d (u64 each)
@@ -57,8 +57,8 @@ __all__ = ["ObjectStore", "StoreFullWarning", "DEFAULT_THRESHOLD", "writable"]
 DEFAULT_THRESHOLD = 256 * 1024
 
 _FRAME_MAGIC = 0x31464853            # b"SHF1"
-_FRAME_HEADER = struct.Struct("<IIQ")
-_ENTRY = struct.Struct("<QQQQQ")
+_FRAME_HEADER = struct.Struct("IIQ")     # native, as the store's own layout
+_ENTRY = struct.Struct("QQQQQ")
 _INLINE, _EXTERNAL = 0, 1
 _MSG_INBAND, _MSG_REF, _MSG_BORROWED = b"I", b"R", b"B"
 _MSG_REF_BODY = struct.Struct("<QIQ")
@@ -372,6 +372,12 @@ class ObjectStore:
                 raise SerializationError(f"cannot unpickle an in-band message: {exc}") from exc
         ref = self._message_ref(kind, body)
         return self._read_frame(self.raw.adopt(ref) if kind == _MSG_REF else ref)
+
+    @staticmethod
+    def is_held_message(message) -> bool:
+        """True if *message* (from ``encode_held``) names an object its
+        sender holds for the receiver."""
+        return bytes(message[:1]) == _MSG_BORROWED
 
     def discard(self, message: bytes) -> None:
         """Release what an undelivered message holds in the store."""

@@ -27,7 +27,7 @@ A finalizer may run inside the garbage collector while this thread already
 holds the lock (CPython issue 12352), so it never blocks: it tries the lock
 and otherwise leaves the release for the next locked call.
 
-Object table (one allocator block; little-endian)::
+Object table (one allocator block; native byte order)::
 
     +0  magic b"SHMPSTOR"   +8  last generation   +16 free slot head (index+1)
     +24 live objects        +32 fallbacks         +40 max objects
@@ -74,12 +74,17 @@ FREE, CREATED, SEALED, DELETED = 0, 1, 2, 3
 _STATE_NAMES = {FREE: "free", CREATED: "created", SEALED: "sealed", DELETED: "deleted"}
 
 _MAGIC = int.from_bytes(b"SHMPSTOR", "little")
-_TABLE_HEADER = struct.Struct("<QQQQQQ")
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
-_SLOT = struct.Struct("<QQQQIIQQII")     # gen, block, data, nbytes, state, retained,
+# Native formats on purpose: the standard-size ("<") packers store a u64 one
+# byte at a time, so a process SIGKILLed mid-store would leave a torn value;
+# native packers copy each field with one store.  The layout is this
+# machine's, which is the only machine that maps it.
+_TABLE_HEADER = struct.Struct("QQQQQQ")
+_U64 = struct.Struct("Q")
+_U32 = struct.Struct("I")
+_SLOT = struct.Struct("QQQQIIQQII")     # gen, block, data, nbytes, state, retained,
                                          # holders lo, holders hi, creator, ndeps
-_DEP = struct.Struct("<QQ")
+_DEP = struct.Struct("QQ")
+_HOLDERS = struct.Struct("QQ")
 _T_GEN, _T_FREE_HEAD, _T_LIVE, _T_FALLBACKS, _T_MAX = 8, 16, 24, 32, 40
 _PROC_TABLE = 64
 _SLOTS = _PROC_TABLE + 8 * MAX_PROCESSES
@@ -351,11 +356,11 @@ class RawStore:
         return fields
 
     def _holders(self, slot: int) -> int:
-        lo, hi = struct.unpack_from("<QQ", self._buf, self._slot_at(slot) + 40)
+        lo, hi = _HOLDERS.unpack_from(self._buf, self._slot_at(slot) + 40)
         return lo | hi << 64
 
     def _set_holders(self, slot: int, mask: int) -> None:
-        struct.pack_into("<QQ", self._buf, self._slot_at(slot) + 40,
+        _HOLDERS.pack_into(self._buf, self._slot_at(slot) + 40,
                          mask & (2**64 - 1), mask >> 64)
 
     def _maybe_free_locked(self, slot: int) -> None:

@@ -33,7 +33,7 @@ from multiprocessing.connection import wait
 
 from ._errors import BrokenPoolError, WorkerDiedError
 from ._serialization import ObjectStore
-from ._worker import HEADER, RETIRING, STOP, run_worker
+from ._worker import ACK, HEADER, STOP, run_worker
 
 __all__ = ["Supervisor", "State"]
 
@@ -46,13 +46,14 @@ class State(enum.Enum):
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "task", "retiring")
+    __slots__ = ("process", "conn", "task", "tasks_left", "retiring")
 
-    def __init__(self, process, conn) -> None:
+    def __init__(self, process, conn, tasks_left: int | None) -> None:
         self.process = process
         self.conn = conn
         self.task = None              # (job, index, held ref) in flight, or None
-        self.retiring = False
+        self.tasks_left = tasks_left  # None: no limit (maxtasksperchild)
+        self.retiring = False         # gets no more tasks
 
 
 class Supervisor:
@@ -94,7 +95,7 @@ class Supervisor:
             name="shmpool-worker", daemon=True)
         process.start()
         theirs.close()
-        self._workers[ours] = _Worker(process, ours)
+        self._workers[ours] = _Worker(process, ours, self._worker_args[2])
 
     @property
     def pids(self) -> list[int]:
@@ -124,10 +125,10 @@ class Supervisor:
                 continue
             job, index, message, held = self._queue.popleft()
             worker.task = (job, index, held)
-            try:
-                worker.conn.send_bytes(message)
-            except OSError:
-                pass          # it died: its sentinel fails the task shortly
+            if worker.tasks_left is not None:
+                worker.tasks_left -= 1
+                worker.retiring = worker.tasks_left == 0
+            self._send(worker, message)
 
     # -- the supervisor thread ---------------------------------------------
 
@@ -163,15 +164,22 @@ class Supervisor:
             except (EOFError, OSError):
                 return
             job, index, status = HEADER.unpack_from(message)
-            if status == RETIRING:
-                worker.retiring = True
-                continue
+            payload = memoryview(message)[HEADER.size:]
+            self._on_answer(job, index, status, payload)     # takes its own hold
+            if self._store.is_held_message(payload):
+                self._send(worker, ACK)                      # the worker lets go
             with self._lock:
                 task, worker.task = worker.task, None
                 self._dispatch_locked()
             if task is not None and task[2] is not None:
-                self._store.release(task[2])     # the task's arguments
-            self._on_answer(job, index, status, memoryview(message)[HEADER.size:])
+                self._store.release(task[2])                 # the task's arguments
+
+    @staticmethod
+    def _send(worker: _Worker, message: bytes) -> None:
+        try:
+            worker.conn.send_bytes(message)
+        except OSError:
+            pass          # it died: its sentinel says so shortly
 
     def _on_exit(self, worker: _Worker) -> None:
         worker.process.join()
@@ -201,10 +209,7 @@ class Supervisor:
             for worker in self._workers.values():
                 if worker.task is None and not worker.retiring:
                     worker.retiring = True
-                    try:
-                        worker.conn.send_bytes(STOP)
-                    except OSError:
-                        pass
+                    self._send(worker, STOP)
 
     def _wake(self) -> None:
         try:

@@ -7,19 +7,24 @@ small values, a ref for big ones.  The job and index stay readable even when
 the payload cannot be unpickled, so every failure is reported for its task.
 
     supervisor -> worker   HEADER(job, index, TASK) + (kind, func, args, kwds)
-                           b"" = stop
+                           ACK: the oldest answer in the store was received
+                           STOP (b""): exit
     worker -> supervisor   HEADER(job, index, OK)    + result
                            HEADER(job, index, ERROR) + exception (remote
                                traceback as ``__cause__``)
-                           HEADER(0, 0, RETIRING)    after maxtasks tasks
 
-Task arguments are *held* by the supervisor until the answer arrives; a
-result is *retained* for the supervisor to adopt (see ``_serialization``).
-No threads run here.
+Both sides *hold* what they send until the other side has its own hold:
+the supervisor holds a task's arguments until the answer arrives; a worker
+holds each answer that went through the store until the supervisor's ACK.
+So a process that dies leaves no count behind that nobody owns: reaping
+its holds frees everything it sent and nobody received.  A worker exits
+after *maxtasks* tasks; the supervisor counts them too, and sends it no
+more.  No threads run here.
 """
 
 from __future__ import annotations
 
+import collections
 import struct
 from itertools import starmap
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
@@ -27,12 +32,13 @@ from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 from ._errors import SerializationError
 from ._serialization import ObjectStore
 
-__all__ = ["HEADER", "TASK", "OK", "ERROR", "RETIRING", "APPLY", "MAP", "STARMAP",
-           "STOP", "run_worker"]
+__all__ = ["HEADER", "TASK", "OK", "ERROR", "APPLY", "MAP", "STARMAP", "ACK", "STOP",
+           "run_worker"]
 
 HEADER = struct.Struct("<QIB")
-TASK, OK, ERROR, RETIRING = 0, 1, 2, 3
+TASK, OK, ERROR = 0, 1, 2
 APPLY, MAP, STARMAP = 0, 1, 2
+ACK = b"A"
 STOP = b""
 
 
@@ -44,21 +50,23 @@ def _call(kind: int, func, args, kwds):
     return list(starmap(func, args))
 
 
-def _encode_answer(store: ObjectStore, job: int, index: int, status: int, value) -> bytes:
+def _encode_answer(store: ObjectStore, job: int, index: int, status: int, value):
+    """The answer message, and the owning ref the worker keeps until ACK."""
     try:
-        payload = store.encode(value)
+        payload, held = store.encode_held(value)
     except SerializationError as exc:
         # The stdlib reports an unpicklable result or exception this way.
         status = ERROR
-        payload = store.encode(MaybeEncodingError(exc.__cause__ or exc, value))
-    return HEADER.pack(job, index, status) + payload
+        payload, held = store.encode_held(MaybeEncodingError(exc.__cause__ or exc, value))
+    return HEADER.pack(job, index, status) + payload, held
 
 
 def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> None:
     """Process main: run tasks until told to stop, the pipe closes, or
-    *maxtasks* tasks are done (then say RETIRING and return)."""
+    *maxtasks* tasks are done and answered."""
     if initializer is not None:
         initializer(*initargs)
+    unacknowledged: collections.deque = collections.deque()
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -67,14 +75,26 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> Non
             return                                  # the supervisor is gone
         if message == STOP:
             return
+        if message == ACK:
+            store.release(unacknowledged.popleft())
+            continue
         job, index, _ = HEADER.unpack_from(message)
         try:
             kind, func, args, kwds = store.decode(memoryview(message)[HEADER.size:])
-            answer = _encode_answer(store, job, index, OK, _call(kind, func, args, kwds))
+            answer, held = _encode_answer(store, job, index, OK, _call(kind, func, args, kwds))
         except Exception as exc:
-            answer = _encode_answer(store, job, index, ERROR,
-                                    ExceptionWithTraceback(exc, exc.__traceback__))
+            answer, held = _encode_answer(store, job, index, ERROR,
+                                          ExceptionWithTraceback(exc, exc.__traceback__))
         func = args = kwds = None                   # drop views of the arguments now
+        if held is not None:
+            unacknowledged.append(held)
         conn.send_bytes(answer)
         done += 1
-    conn.send_bytes(HEADER.pack(0, 0, RETIRING))
+    # Retiring: wait for the last acknowledgements, so that nothing this
+    # process sent is freed before the supervisor holds it.
+    while unacknowledged:
+        try:
+            if conn.recv_bytes() == ACK:
+                store.release(unacknowledged.popleft())
+        except (EOFError, OSError):
+            return

@@ -19,6 +19,8 @@ __all__ = [
     "sweep_dead_owners",
     "check_invariants",
     "raw_store",
+    "pool_store",
+    "settled_statistics",
 ]
 
 
@@ -56,3 +58,21 @@ def raw_store(store: ObjectStore | RawStore) -> RawStore:
 def check_invariants(store: ObjectStore | RawStore) -> None:
     """Walk the arena and assert every allocator and object-table invariant."""
     raw_store(store)._check_invariants()
+
+
+def pool_store(pool) -> ObjectStore:
+    """The store a Pool moves its arguments and results through."""
+    return pool._store
+
+
+def settled_statistics(store, baseline, timeout: float = 10.0):
+    """Statistics of *store* once its live objects and bytes in use are back
+    to *baseline*'s, or as they are after *timeout* seconds.  Releases by
+    other processes (a worker acknowledging a result) take a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = store.statistics()
+        done = (stats.live_objects, stats.in_use) == (baseline.live_objects, baseline.in_use)
+        if done or time.monotonic() >= deadline:
+            return stats
+        time.sleep(0.01)      # polling shared counters; there is no event to wait on
