@@ -23,6 +23,8 @@ import os
 import threading
 import traceback
 import types
+import warnings
+import weakref
 from dataclasses import dataclass
 from multiprocessing import util
 
@@ -118,6 +120,7 @@ class MapResult(ApplyResult):
             self._number_left = 0
             self._event.set()
             self._cache.pop(self._job, None)
+            self._pool = None
         else:
             self._number_left = length // chunksize + bool(length % chunksize)
 
@@ -195,6 +198,19 @@ class IMapIterator:
                 self._pool = None
 
 
+def _weakly(method):
+    """Call *method* while its object lives; afterwards do nothing.  The
+    supervisor thread must not keep its pool alive (a dropped running pool
+    warns and shuts down, as the standard library's does)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+    return call
+
+
 def _chunks(iterable, size: int):
     it = iter(iterable)
     while chunk := list(itertools.islice(it, size)):
@@ -246,7 +262,7 @@ class Pool:
         try:
             self._supervisor = Supervisor(
                 ctx, self._store, processes, initializer, initargs, maxtasksperchild,
-                self._on_answer, self._on_failure)
+                _weakly(self._on_answer), _weakly(self._on_failure))
         except BaseException:
             self._store.close()
             raise
@@ -408,6 +424,11 @@ class Pool:
         return PoolStatistics(store=self._store.statistics(),
                               worker_pids=tuple(self._supervisor.pids),
                               unfinished_results=len(self._cache))
+
+    def __del__(self, _warn=warnings.warn):
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                  source=self)
 
     def __enter__(self) -> "Pool":
         self._check_running()
