@@ -1,7 +1,7 @@
 """The process's default store behind ``shmpool.put``/``get``/``empty``.
 
 Created lazily, on first use, by the process that first needs it (never at
-import); closed at interpreter exit.  A fork child inherits it attached.
+import); closed at interpreter exit.  In a pool worker it is the pool's store.  A fork child inherits it attached.
 ``get`` finds the store of a ref among every store open in this process.
 """
 
@@ -16,7 +16,8 @@ from ._errors import ObjectNotFoundError
 from ._serialization import ObjectStore
 from ._store import ObjectRef, StoreStatistics
 
-__all__ = ["default_store", "put", "get", "empty", "zeros", "statistics", "register_store"]
+__all__ = ["default_store", "use_store", "put", "get", "empty", "zeros", "statistics",
+           "register_store"]
 
 _lock = threading.Lock()
 _default: ObjectStore | None = None
@@ -37,6 +38,14 @@ def default_store() -> ObjectStore:
             _default = register_store(ObjectStore())
             atexit.register(_default.close)
         return _default
+
+
+def use_store(store: ObjectStore) -> None:
+    """Make *store* this process's default store (a pool worker uses its
+    pool's, so that ``shmpool.empty`` in a task builds results in place)."""
+    global _default
+    with _lock:
+        _default = register_store(store)
 
 
 def _store_of(ref: ObjectRef) -> ObjectStore:

@@ -51,6 +51,10 @@ class PoolStatistics:
     """The worker processes now running."""
     unfinished_results: int
     """Results not yet ready (each may hold its arguments in the store)."""
+    held_by_process: dict
+    """``{pid: (objects, bytes)}`` held in the store by each process: the
+    parent (results it still references, arguments of running tasks) and
+    each worker (what its running task reads)."""
 
 
 class ApplyResult:
@@ -423,7 +427,8 @@ class Pool:
         """The store's statistics, the workers, and the unfinished results."""
         return PoolStatistics(store=self._store.statistics(),
                               worker_pids=tuple(self._supervisor.pids),
-                              unfinished_results=len(self._cache))
+                              unfinished_results=len(self._cache),
+                              held_by_process=self._store.raw.usage_by_process())
 
     def __del__(self, _warn=warnings.warn):
         if getattr(self, "_state", None) == RUN:

@@ -659,6 +659,26 @@ class RawStore:
             return "free"
         return _STATE_NAMES[fields[4]]
 
+    def usage_by_process(self) -> dict[int, tuple[int, int]]:
+        """``{pid: (objects, bytes)}`` that each attached process holds now
+        (an object held by several processes counts for each)."""
+        usage: dict[int, list[int]] = {}
+        with self._locked():
+            pids = [_U64.unpack_from(self._buf, self._proc_at(i))[0]
+                    for i in range(MAX_PROCESSES)]
+            for slot in range(self._max_objects):
+                fields = self._read_slot(slot)
+                if fields[4] == FREE:
+                    continue
+                mask = fields[6] | fields[7] << 64
+                while mask:
+                    index = (mask & -mask).bit_length() - 1
+                    mask &= mask - 1
+                    entry = usage.setdefault(pids[index], [0, 0])
+                    entry[0] += 1
+                    entry[1] += fields[3]
+        return {pid: (n, nbytes) for pid, (n, nbytes) in usage.items() if pid}
+
     def record_fallback(self) -> int:
         """Count one value sent in-band because the store was full."""
         with self._locked():

@@ -29,6 +29,7 @@ import struct
 from itertools import starmap
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
+from ._default_store import use_store
 from ._errors import SerializationError
 from ._serialization import ObjectStore
 
@@ -64,6 +65,7 @@ def _encode_answer(store: ObjectStore, job: int, index: int, status: int, value)
 def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> None:
     """Process main: run tasks until told to stop, the pipe closes, or
     *maxtasks* tasks are done and answered."""
+    use_store(store)         # shmpool.empty() in a task builds its result in place
     if initializer is not None:
         initializer(*initargs)
     unacknowledged: collections.deque = collections.deque()

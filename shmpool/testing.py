@@ -7,9 +7,10 @@ The one sanctioned place that looks at internals: what a process holds in
 from __future__ import annotations
 
 import os
+import signal
 import time
 
-from . import _posix, _tracker
+from . import _default_store, _posix, _tracker
 from ._serialization import ObjectStore
 from ._store import RawStore
 
@@ -21,6 +22,8 @@ __all__ = [
     "raw_store",
     "pool_store",
     "settled_statistics",
+    "die_holding_store_lock",
+    "die_while_writing_object",
 ]
 
 
@@ -76,3 +79,17 @@ def settled_statistics(store, baseline, timeout: float = 10.0):
         if done or time.monotonic() >= deadline:
             return stats
         time.sleep(0.01)      # polling shared counters; there is no event to wait on
+
+
+def die_holding_store_lock(_=None) -> None:
+    """In a pool worker: take the store's lock, then SIGKILL this process."""
+    store = _default_store.default_store()
+    store.raw._alloc.lock()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_while_writing_object(nbytes: int = 1 << 20) -> None:
+    """In a pool worker: create an object, write half of it, SIGKILL self."""
+    builder = _default_store.default_store().raw.create(nbytes)
+    builder.view[: nbytes // 2] = b"x" * (nbytes // 2)
+    os.kill(os.getpid(), signal.SIGKILL)

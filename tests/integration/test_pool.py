@@ -319,6 +319,37 @@ def square_or_die(x):
     return die_on(x, 5) ** 2
 
 
+def build_in_store(n):
+    out = shmpool.empty(n, dtype=np.float64)      # the pool's store, in a worker
+    out[:] = 2.0
+    return out
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("die", [testing.die_holding_store_lock, testing.die_while_writing_object],
+                         ids=["holding-store-lock", "writing-result"])
+def test_worker_killed_inside_the_store_fails_fast_and_nothing_leaks(mp_context, die):
+    with shmpool.Pool(2, context=mp_context) as pool:
+        baseline = testing.pool_store(pool).statistics()
+        started = time.monotonic()
+        with pytest.raises(shmpool.WorkerDiedError, match="SIGKILL"):
+            pool.apply(die)
+        assert time.monotonic() - started < 10
+        _assert_recovers(pool, baseline)
+
+
+def test_array_built_in_a_worker_is_returned_without_a_copy(pools):
+    _, pool = pools
+    store = testing.pool_store(pool)
+    before = store.statistics().in_use
+    result = pool.apply(build_in_store, (MiB,))
+    assert result.sum() == 2.0 * MiB and not result.flags.writeable
+    # one 8 MiB object and a small frame: the array was sealed in place
+    assert store.statistics().in_use - before < 8 * MiB + 64 * 1024
+    usage = pool.statistics().held_by_process
+    assert usage[os.getpid()][1] >= 8 * MiB      # the parent holds the result
+
+
 @pytest.mark.crash
 def test_worker_killed_at_random_moments_while_moving_results(mp_context):
     """SIGKILL from outside while workers keep writing results into the store
