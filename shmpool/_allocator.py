@@ -142,8 +142,8 @@ class AllocatorStatistics:
 class FreeListAllocator:
     """Hand out and take back 64-byte-aligned byte ranges of an Arena.
 
-    Process- and thread-safe.  ``try_allocate``, ``allocate`` and ``free``
-    take the arena lock themselves; ``*_locked`` methods expect the caller to
+    Process- and thread-safe.  ``try_allocate`` and ``free`` take the arena
+    lock themselves; ``*_locked`` methods expect the caller to
     hold it (``with allocator.locked():``), which lets the store do several
     steps atomically.  Nobody holds the lock across user code or a blocking
     call.  A waiter that finds the holder dead takes the lock over, repairs
@@ -265,10 +265,6 @@ class FreeListAllocator:
             yield self
         finally:
             self.unlock()
-
-    def holder_pid(self) -> int:
-        """Pid recorded as the current lock holder (0 if none)."""
-        return self._get(_H_HOLDER)
 
     # -- free lists --------------------------------------------------------
 
@@ -400,25 +396,6 @@ class FreeListAllocator:
         self.check_size(nbytes)
         with self.locked():
             return self.allocate_locked(nbytes)
-
-    def allocate(self, nbytes: int, *, timeout: float | None = 0.0) -> int:
-        """Like try_allocate(), but wait up to *timeout* seconds for space
-        (None: no limit) and raise if none comes.
-
-        Raises:
-            StoreFullError: *nbytes* can never fit, or nothing was freed in time.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.001
-        while (offset := self.try_allocate(nbytes)) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StoreFullError(
-                    f"no room for {nbytes} bytes within {timeout}s: "
-                    f"{self.statistics().in_use} of {self.heap_size} bytes in use "
-                    f"(release objects, or pass a larger capacity=)")
-            time.sleep(delay)        # polling for space another process frees
-            delay = min(delay * 2, 0.05)
-        return offset
 
     def free(self, offset: int) -> None:
         with self.locked():

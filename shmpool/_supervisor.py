@@ -71,7 +71,6 @@ class Supervisor:
                  maxtasks, on_answer, on_failure) -> None:
         self._ctx = ctx
         self._store = store
-        self._size = size
         self._worker_args = (initializer, initargs, maxtasks)
         self._on_answer = on_answer
         self._on_failure = on_failure
@@ -245,7 +244,3 @@ class Supervisor:
     def join(self, timeout: float | None = None) -> None:
         """Wait for the supervisor thread (and so every worker) to end."""
         self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
