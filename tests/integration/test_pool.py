@@ -82,6 +82,35 @@ def forever(_):
     threading.Event().wait()
 
 
+class KeywordOnlyError(Exception):
+    """Pickles, but cannot be unpickled: __init__ takes a keyword-only
+    argument and there is no __reduce__ (CPython issue 79492 hangs here)."""
+
+    def __init__(self, *, code):
+        super().__init__(f"code {code}")
+
+
+def raise_unloadable(_):
+    raise KeywordOnlyError(code=7)
+
+
+def raise_unpicklable(_):
+    raise ValueError(threading.Lock())
+
+
+class FailsToUnpickle:
+    def __reduce__(self):
+        return _refuse, ()
+
+
+def _refuse():
+    raise RuntimeError("refusing to unpickle")
+
+
+def return_unloadable(_):
+    return [FailsToUnpickle(), np.ones(MiB)]
+
+
 # -- fixtures ----------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=START_METHODS)
@@ -189,6 +218,21 @@ def test_unpicklable_result_is_a_maybe_encoding_error(pools):
     with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="lock"):
         pool.apply(return_unpicklable, (0,))
     assert pool.apply(square, (3,)) == 9          # and the pool goes on
+
+
+@pytest.mark.parametrize("task, expected", [
+    (raise_unloadable, "KeywordOnlyError|missing 1 required keyword-only"),
+    (raise_unpicklable, "lock"),
+    (return_unloadable, "refusing to unpickle"),
+], ids=["exception-fails-to-unpickle", "exception-fails-to-pickle", "result-fails-to-unpickle"])
+def test_answers_that_cannot_cross_become_errors_not_hangs(pools, task, expected):
+    _, pool = pools
+    result = pool.apply_async(task, (0,))
+    result.wait(DEADLOCK_TIMEOUT)
+    assert result.ready(), "the pool hung on an answer it could not move"
+    with pytest.raises(Exception, match=expected):
+        result.get()
+    assert pool.apply(square, (2,)) == 4
 
 
 @pytest.mark.parametrize("method", START_METHODS)
