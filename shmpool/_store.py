@@ -25,7 +25,10 @@ buffer *exporter* (a ctypes array), never on a memoryview: numpy and
 memoryview re-export from the exporter, so it dies only with the last view.
 A finalizer may run inside the garbage collector while this thread already
 holds the lock (CPython issue 12352), so it never blocks: it tries the lock
-and otherwise leaves the release for the next locked call.
+and otherwise leaves the release to a drainer thread (started on the first
+such deferral, woken through a pipe) that takes the lock and releases it
+moments later.  So a release is never left waiting for a call that may not
+come (an idle worker makes none).
 
 Object table (one allocator block; native byte order)::
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from multiprocessing import util
 import struct
 import time
@@ -251,6 +255,8 @@ class RawStore:
         self._deferred: list[tuple[int, int]] = []         # holds dropped by the GC
         self._exports: dict[int, tuple[int, int, int, int]] = {}  # addr -> end, slot, gen, data
         self._export_starts: list[int] | None = None
+        self._drainer: tuple[threading.Thread, int] | None = None  # thread, pipe write end
+        self._drainer_starting = threading.Lock()
         self._pid = os.getpid()
         alloc.add_repair_hook(self._repair_locked)
         with alloc.locked():
@@ -435,6 +441,53 @@ class RawStore:
                 self._alloc.unlock()
         else:
             self._deferred.append(key)
+            self._wake_drainer()
+
+    def _wake_drainer(self) -> None:
+        # Called from finalizers: only non-blocking steps (os.write to a
+        # non-blocking pipe), never a lock another frame could hold.
+        if self._drainer is None:
+            if not self._drainer_starting.acquire(blocking=False):
+                return                        # being started; it drains at start
+            try:
+                read_end, write_end = os.pipe()
+                os.set_blocking(write_end, False)
+                thread = threading.Thread(target=self._drain_forever, args=(read_end,),
+                                          name="shmpool-release", daemon=True)
+                thread.start()
+                self._drainer = (thread, write_end)
+            except RuntimeError:              # interpreter shutting down
+                return
+            finally:
+                self._drainer_starting.release()
+        try:
+            os.write(self._drainer[1], b"x")
+        except OSError:
+            pass                              # already woken (pipe full), or closing
+
+    def _drain_forever(self, read_end: int) -> None:
+        try:
+            while True:
+                if self._deferred:
+                    try:
+                        with self._locked():
+                            pass              # entering drains the deferred releases
+                    except Exception:         # broken meanwhile: close() reports it
+                        pass
+                if not os.read(read_end, 4096):
+                    return                    # close() closed the write end
+        finally:
+            os.close(read_end)
+
+    def _stop_drainer(self) -> None:
+        """End the drainer thread and wait for it: after this, no thread of
+        this store touches the semaphore but the caller's."""
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None:
+            thread, write_end = drainer
+            os.close(write_end)               # the drainer reads EOF and exits
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _locked(self):
         self._check_open()
@@ -775,6 +828,8 @@ class RawStore:
         until they close too).  Views handed out stay readable.  Idempotent."""
         if self._closed:
             return
+        if os.getpid() == self._pid:
+            self._stop_drainer()              # before anything else uses the lock
         if os.getpid() == self._pid and not self._arena.closed:
             try:
                 if self._alloc.try_lock() or self._lock_quietly():
@@ -801,11 +856,31 @@ class RawStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def forget_inherited_holds(self) -> None:
+        """Give up every hold this process inherited through fork.
+
+        For processes that get their store data as arguments, as a pool
+        worker does: the parent's objects are then freed when the parent
+        drops them, instead of living as long as the child.  Views the child
+        inherited must not be used afterwards; nor can they be put again
+        without a copy.
+        """
+        with self._locked():
+            self._release_process_locked(self._index)
+            _U64.pack_into(self._buf, self._proc_at(self._index), os.getpid())
+            self._local.clear()
+            self._exports.clear()
+            self._export_starts = None
+
     def _after_fork_in_child(self) -> None:
         # The child inherits the parent's local holds (its views and owning
         # refs are still alive here) but not the parent's process bit: take
         # an index of its own and hold every inherited object under it.
         self._pid = os.getpid()
+        if self._drainer is not None:         # the thread did not survive fork
+            os.close(self._drainer[1])
+            self._drainer = None
+        self._drainer_starting = threading.Lock()
         pending = self._deferred
         self._deferred = []
         for key in pending:

@@ -65,6 +65,9 @@ def _encode_answer(store: ObjectStore, job: int, index: int, status: int, value)
 def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> None:
     """Process main: run tasks until told to stop, the pipe closes, or
     *maxtasks* tasks are done and answered."""
+    # Under fork this process inherited the parent's views; tasks get their
+    # data as arguments, so do not keep the parent's objects alive.
+    store.raw.forget_inherited_holds()
     use_store(store)         # shmpool.empty() in a task builds its result in place
     if initializer is not None:
         initializer(*initargs)

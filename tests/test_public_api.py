@@ -8,7 +8,7 @@ import shmpool
 PACKAGE = pathlib.Path(shmpool.__file__).parent
 
 #: Each module may import only modules listed after it (lower layers).
-LAYERS = ["_pool", "_supervisor", "_worker", "_default_store", "_serialization", "_store", "_allocator", "_arena",
+LAYERS = ["_context", "_pool", "_supervisor", "_worker", "_default_store", "_serialization", "_store", "_allocator", "_arena",
           "_tracker", "_posix", "_errors"]
 
 
