@@ -25,8 +25,10 @@ more.  No threads run here.
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import struct
 from itertools import starmap
+from multiprocessing.connection import wait
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
 from ._default_store import use_store
@@ -62,9 +64,25 @@ def _encode_answer(store: ObjectStore, job: int, index: int, status: int, value)
     return HEADER.pack(job, index, status) + payload, held
 
 
+def _receive(conn, parent_sentinel) -> bytes | None:
+    """The next message, or None once the parent is gone.  Under fork this
+    process holds a copy of the parent's end of the pipe too, so EOF never
+    comes: the parent's sentinel is what tells that it died."""
+    while True:
+        ready = wait([conn, parent_sentinel])
+        if conn in ready:
+            try:
+                return conn.recv_bytes()
+            except (EOFError, OSError):
+                return None
+        if parent_sentinel in ready:
+            return None
+
+
 def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> None:
-    """Process main: run tasks until told to stop, the pipe closes, or
+    """Process main: run tasks until told to stop, the parent dies, or
     *maxtasks* tasks are done and answered."""
+    parent_sentinel = multiprocessing.parent_process().sentinel
     # Under fork this process inherited the parent's views; tasks get their
     # data as arguments, so do not keep the parent's objects alive.
     store.raw.forget_inherited_holds()
@@ -74,11 +92,8 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> Non
     unacknowledged: collections.deque = collections.deque()
     done = 0
     while maxtasks is None or done < maxtasks:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
-            return                                  # the supervisor is gone
-        if message == STOP:
+        message = _receive(conn, parent_sentinel)
+        if message is None or message == STOP:      # the parent is gone, or says stop
             return
         if message == ACK:
             store.release(unacknowledged.popleft())
@@ -98,8 +113,8 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks) -> Non
     # Retiring: wait for the last acknowledgements, so that nothing this
     # process sent is freed before the supervisor holds it.
     while unacknowledged:
-        try:
-            if conn.recv_bytes() == ACK:
-                store.release(unacknowledged.popleft())
-        except (EOFError, OSError):
+        message = _receive(conn, parent_sentinel)
+        if message is None:
             return
+        if message == ACK:
+            store.release(unacknowledged.popleft())

@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -146,3 +147,47 @@ def test_attached_reader_keeps_working_after_owner_is_killed(tmp_path):
                           timeout=DEADLOCK_TIMEOUT)
     assert proc.stdout.strip() == "1000.0", proc.stderr
     assert not testing.leaked_names(since=before, timeout=10.0)
+
+
+POOL_OWNER = textwrap.dedent("""
+    import multiprocessing, sys, time
+    import numpy as np
+    import shmpool
+
+    def work(i):
+        return np.full(1 << 18, float(i))
+
+    if __name__ == "__main__":
+        pool = shmpool.Pool(2, context=multiprocessing.get_context(sys.argv[1]))
+        results = pool.map(work, range(8))
+        print(" ".join(map(str, pool.statistics().worker_pids)), flush=True)
+        pending = pool.map_async(work, range(10 ** 6))
+        sys.stdin.read()                        # block until killed
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_pool_parent_killed_mid_run_leaves_no_worker_and_no_name(method, tmp_path):
+    script = tmp_path / "pool_owner.py"
+    script.write_text(POOL_OWNER)
+    before = testing.live_names()
+    proc = subprocess.Popen([sys.executable, str(script), method], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2
+    finally:
+        proc.kill()                              # SIGKILL the parent mid-map
+        proc.wait(DEADLOCK_TIMEOUT)
+        proc.stdout.close()
+        proc.stdin.close()
+    deadline = time.monotonic() + DEADLOCK_TIMEOUT / 4
+    while any(_posix_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)                         # polling other processes' exit
+    assert not [pid for pid in workers if _posix_alive(pid)], "workers outlived their parent"
+    assert not testing.leaked_names(since=before, timeout=10.0)
+
+
+def _posix_alive(pid: int) -> bool:
+    from shmpool import _posix
+    return _posix.process_is_alive(pid)
