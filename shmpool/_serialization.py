@@ -16,7 +16,9 @@ Messages.  ``encode``/``decode`` are what the pool and the queues send
 through pipes: a value whose buffers are all below ``threshold`` travels
 in-band as an ordinary pickle; otherwise its frame goes into the store and
 only a ref (21 bytes) is sent, with one retained count that the receiver
-adopts.  If the store stays full for ``space_timeout`` seconds, the value
+adopts.  ``encode_held`` makes the same message without the count: the
+sender holds the object until the receiver says it has its own hold (the
+pool's protocol, so that a dead sender leaves nothing behind).  If the store stays full for ``space_timeout`` seconds, the value
 falls back to an in-band pickle, with a warning (once) and a count in
 ``statistics().fallbacks``: never an error where ``multiprocessing`` worked.
 
