@@ -42,19 +42,21 @@ GROUP = textwrap.dedent("""
     import numpy as np
     import shmpool
 
-    def reader(store, ref, ready):
+    # Pipes, not multiprocessing.Event: a killed group takes the resource
+    # tracker with it, so named stdlib semaphores would be left behind.
+    def reader(store, ref, conn):
         view = store.get(ref)
-        ready.set()
-        multiprocessing.Event().wait()          # block until killed
+        conn.send("attached")
+        conn.recv()                             # block until killed
 
     if __name__ == "__main__":
         ctx = multiprocessing.get_context(sys.argv[1])
         store = shmpool.ObjectStore(64 << 20)
         ref = store.put(np.ones(1 << 20))
-        ready = ctx.Event()
-        child = ctx.Process(target=reader, args=(store, ref, ready))
+        here, there = ctx.Pipe()
+        child = ctx.Process(target=reader, args=(store, ref, there))
         child.start()
-        if not ready.wait(60):
+        if not here.poll(60) or here.recv() != "attached":
             sys.exit("the reader never attached")
         print("ready", flush=True)
         sys.stdin.read()                        # block until killed
