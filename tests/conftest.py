@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -47,3 +48,53 @@ def store():
     from shmpool import ObjectStore
     with ObjectStore(64 * 1024 * 1024) as s:
         yield s
+
+
+# -- session guard: nothing at all left in /dev/shm -------------------------
+#
+# The per-test fixture above attributes shmpool's own names to the test that
+# left them.  Tests also create the standard library's named semaphores
+# (multiprocessing Events, Locks, Queues), whose names carry no owner; a test
+# that kills a process group can leave those behind.  The session therefore
+# also checks, once every worker has ended, that /dev/shm holds no name that
+# was not there when it started.  (Only the process that runs the session,
+# not each xdist worker, whose neighbours' live names would look like leaks.)
+
+SHM_DIR = "/dev/shm"
+_names_at_start: set[str] = set()
+_names_left: list[str] = []
+
+
+def _shm_names() -> set[str]:
+    try:
+        return set(os.listdir(SHM_DIR))
+    except OSError:
+        return set()
+
+
+def _is_session_owner(config) -> bool:
+    return not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    if _is_session_owner(session.config):
+        _names_at_start.update(_shm_names())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _is_session_owner(session.config):
+        return
+    deadline = time.monotonic() + 15      # resource trackers unlink as their clients end
+    while (left := _shm_names() - _names_at_start) and time.monotonic() < deadline:
+        time.sleep(0.1)                   # polling a directory; there is no event
+    if left:
+        _names_left.extend(sorted(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _names_left:
+        terminalreporter.section("names left in /dev/shm", red=True)
+        terminalreporter.write_line(
+            "the test session left these names behind (a leak, by shmpool or by a "
+            "test's own multiprocessing objects): " + ", ".join(_names_left))
