@@ -191,7 +191,7 @@ class ObjectStore:
             nbytes = raw.nbytes
             if not nbytes:
                 return True
-            found = raw_store.locate(_address(raw), nbytes) if raw_store._exports else None
+            found = raw_store.locate(_address(raw), nbytes) if raw_store.has_views else None
             if found is not None:
                 ref, offset = found
                 if raw_store.state_of(ref) == "created":

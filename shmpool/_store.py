@@ -689,6 +689,12 @@ class RawStore:
 
     # -- lookups -----------------------------------------------------------
 
+    @property
+    def has_views(self) -> bool:
+        """True if this process holds any view of this store (``locate`` can
+        only find buffers in those)."""
+        return bool(self._exports)
+
     def locate(self, address: int, nbytes: int) -> tuple[ObjectRef, int] | None:
         """If ``[address, address + nbytes)`` lies in an object this process
         holds a view of, return ``(borrowed ref, offset in the object)``."""

@@ -23,6 +23,7 @@ __all__ = [
     "pool_store",
     "settled_statistics",
     "die_holding_store_lock",
+    "FailsToUnpickle",
     "die_while_writing_object",
 ]
 
@@ -93,3 +94,14 @@ def die_while_writing_object(nbytes: int = 1 << 20) -> None:
     builder = _default_store.default_store().raw.create(nbytes)
     builder.view[: nbytes // 2] = b"x" * (nbytes // 2)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailsToUnpickle:
+    """Pickles fine; raises RuntimeError when unpickled (in the receiver)."""
+
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+def _refuse_to_unpickle():
+    raise RuntimeError("refusing to unpickle")

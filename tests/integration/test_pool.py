@@ -98,17 +98,8 @@ def raise_unpicklable(_):
     raise ValueError(threading.Lock())
 
 
-class FailsToUnpickle:
-    def __reduce__(self):
-        return _refuse, ()
-
-
-def _refuse():
-    raise RuntimeError("refusing to unpickle")
-
-
 def return_unloadable(_):
-    return [FailsToUnpickle(), np.ones(MiB)]
+    return [testing.FailsToUnpickle(), np.ones(MiB)]
 
 
 # -- fixtures ----------------------------------------------------------------
