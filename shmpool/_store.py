@@ -55,6 +55,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _posix
 from ._allocator import FreeListAllocator
 from ._arena import Arena
@@ -92,6 +94,12 @@ _HOLDERS = struct.Struct("QQ")
 _T_GEN, _T_FREE_HEAD, _T_LIVE, _T_FALLBACKS, _T_MAX = 8, 16, 24, 32, 40
 _PROC_TABLE = 64
 _SLOTS = _PROC_TABLE + 8 * MAX_PROCESSES
+
+
+def _slot_words(buf, start: int, count: int) -> np.ndarray:
+    """The object table's slots as a (count, 8) array of u64 words: a view
+    for scanning in bulk (one read per word, like the struct accessors)."""
+    return np.ndarray((count, SLOT_SIZE // 8), dtype=np.uint64, buffer=buf, offset=start)
 
 
 def _round_up(n: int, k: int) -> int:
@@ -222,13 +230,15 @@ class RawStore:
                     f"a table of {max_objects} objects ({table_bytes} bytes) does "
                     f"not fit in a store of {arena.capacity} bytes "
                     f"(pass a smaller max_objects= or a larger capacity=)")
-            buf = arena.buf
-            buf[table:table + table_bytes] = bytes(table_bytes)
+            buf = arena.buf                  # a new arena reads as zeros
             _TABLE_HEADER.pack_into(buf, table, _MAGIC, 0, 1 if max_objects else 0,
                                     0, 0, max_objects)
-            for i in range(max_objects):
-                nxt = i + 2 if i + 1 < max_objects else 0
-                _U64.pack_into(buf, table + _SLOTS + SLOT_SIZE * i + 8, nxt)
+            # Chain every slot into the free list: slot i's "next" is i + 2
+            # (index + 1 of the following slot), the last one's is 0.
+            words = _slot_words(buf, table + _SLOTS, max_objects)
+            words[:, 1] = np.arange(2, max_objects + 2, dtype=np.uint64)
+            words[-1:, 1] = 0
+            del words
         except BaseException:
             arena.close()
             raise
@@ -299,16 +309,15 @@ class RawStore:
     def _release_process_locked(self, index: int) -> None:
         """Drop every process hold of process *index* and free its entry."""
         word, bit = (5, 1 << index) if index < 64 else (6, 1 << (index - 64))
-        words = self._buf[self._slots:self._slots + SLOT_SIZE * self._max_objects].cast("Q")
-        try:
-            held = [slot for slot in range(self._max_objects) if words[8 * slot + word] & bit]
-            for slot in held:
-                words[8 * slot + word] &= ~bit
-                if words[8 * slot + 4] & 0xFFFFFFFF == CREATED:
-                    at = self._slot_at(slot)
-                    _U32.pack_into(self._buf, at + 32, DELETED)   # a dead creator aborts
-        finally:
-            words.release()
+        words = _slot_words(self._buf, self._slots, self._max_objects)
+        held = np.flatnonzero(words[:, word] & np.uint64(bit)).tolist()
+        del words
+        for slot in held:
+            at = self._slot_at(slot)
+            _U64.pack_into(self._buf, at + 40 + 8 * (word - 5),
+                           _U64.unpack_from(self._buf, at + 40 + 8 * (word - 5))[0] & ~bit)
+            if _U32.unpack_from(self._buf, at + 32)[0] == CREATED:
+                _U32.pack_into(self._buf, at + 32, DELETED)       # a dead creator aborts
         for slot in held:
             self._maybe_free_locked(slot)
         _U64.pack_into(self._buf, self._proc_at(index), 0)
