@@ -18,6 +18,7 @@ from ._errors import (
     WorkerDiedError,
 )
 from ._pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool, PoolStatistics
+from ._queue import JoinableQueue, Queue, SimpleQueue
 from ._serialization import ObjectStore, StoreFullWarning, writable
 from ._store import ObjectRef, StoreStatistics
 
@@ -30,6 +31,7 @@ __all__ = [
     "BrokenPoolError",
     "ClosedError",
     "IMapIterator",
+    "JoinableQueue",
     "MapResult",
     "ObjectNotFoundError",
     "ObjectRef",
@@ -37,8 +39,10 @@ __all__ = [
     "ObjectStore",
     "Pool",
     "PoolStatistics",
+    "Queue",
     "SerializationError",
     "ShmpoolError",
+    "SimpleQueue",
     "StoreError",
     "StoreFullError",
     "StoreFullWarning",

@@ -339,13 +339,36 @@ class ObjectStore:
         """
         return self._encode(obj, _MSG_BORROWED)
 
-    def _encode(self, obj, kind: bytes) -> tuple[bytes, ObjectRef | None]:
+    def encode_bounded(self, obj, limit: int) -> tuple[bytes, ObjectRef | None]:
+        """Like ``encode_held``, but the message is at most *limit* bytes:
+        a value whose pickle is longer goes into the store even if all its
+        buffers are small.  No in-band fallback: if the store stays full for
+        ``space_timeout`` seconds, StoreFullError.  For channels that carry
+        fixed-size records (the queues); ``hand_over`` makes the message
+        ready to send."""
+        return self._encode(obj, _MSG_BORROWED, limit)
+
+    def hand_over(self, message: bytes) -> bytes:
+        """Add the retained count that a message from ``encode_bounded`` (or
+        ``encode_held``) needs to outlive its sender, and return the message
+        to send: afterwards it reads like one from ``encode``, and the sender
+        drops its ref once it is sent (or calls ``discard`` if it is not)."""
+        if not self.is_held_message(message):
+            return message
+        self.raw.retain(self._message_ref(_MSG_BORROWED, memoryview(message)[1:]))
+        return _MSG_REF + message[1:]
+
+    def _encode(self, obj, kind: bytes,
+                limit: int | None = None) -> tuple[bytes, ObjectRef | None]:
         stream, entries = self._pickle(obj, self.threshold)
-        if not entries and stream.tell() <= self.threshold:
+        inband = stream.tell() <= (self.threshold if limit is None else min(limit, self.threshold))
+        if not entries and inband:
             return stream.getvalue(), None
         try:
             owned = self._write_frame(stream.getbuffer()[1:], entries, timeout=None)
         except StoreFullError as exc:
+            if limit is not None:
+                raise
             return self._fallback(obj, exc), None
         return kind + _MSG_REF_BODY.pack(owned.token, owned.slot, owned.generation), owned
 

@@ -1,21 +1,29 @@
-"""Build CPython's own Pool test classes over shmpool's Pool.
+"""Build CPython's own Pool and queue test classes over shmpool's.
 
-Takes ``_TestPool``, ``_TestPoolWorkerErrors`` and ``_TestPoolWorkerLifetime``
-from the running interpreter's ``test._test_multiprocessing`` and makes, per
+Takes ``_TestPool``, ``_TestPoolWorkerErrors``, ``_TestPoolWorkerLifetime``
+and ``_TestQueue`` from the running interpreter's
+``test._test_multiprocessing`` and makes, per
 start method, a ``unittest.TestCase`` the way that module's
 ``install_tests_in_module_dict`` does (``class Temp(base, Mixin, TestCase)``,
 named ``With<Type><Name>``), plus a ``_<method>`` suffix.  The mixin is the
 stdlib ``ProcessesMixin`` (so its ``setUpClass``/``tearDownClass`` dangling
-checks run) with ``Pool`` replaced by shmpool's Pool bound to
-``multiprocessing.get_context(method)``.  Nothing sets the global start
-method: each pool gets its context explicitly.
+checks run) with ``Pool``, ``Queue`` and ``JoinableQueue`` replaced by
+shmpool's, bound to ``multiprocessing.get_context(method)``.  Nothing sets
+the global start method: each pool and queue gets its context explicitly.
+``TestSimpleQueue`` is a plain TestCase that calls ``multiprocessing.*``
+directly; it gets a subclass per start method too.
 
 Two classes call ``multiprocessing.Pool(...)`` rather than ``self.Pool(...)``,
 and one test starts a fresh interpreter that does
 ``from multiprocessing import Pool``.  Without touching the test bodies, each
 test therefore runs with
 
-- ``multiprocessing.Pool`` patched to the same shmpool factory, and
+- ``multiprocessing.Pool``, ``Queue``, ``JoinableQueue`` and
+  ``SimpleQueue`` patched to the same shmpool factories, and
+  ``multiprocessing.queues.Queue`` (which tests subclass, and which their
+  ``close_queue`` helper checks with ``isinstance``) to shmpool's Queue;
+  for ``TestSimpleQueue`` also ``multiprocessing.Process`` and ``Event``
+  to the start method's, and
 - ``test.support.script_helper.assert_python_ok`` wrapped so that a ``-c``
   script first makes ``multiprocessing.Pool`` shmpool's (bound to the same
   start method) in the child interpreter.
@@ -33,6 +41,7 @@ stays light: no pytest, no conftest.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.queues
 import pathlib
 import re
 import unittest
@@ -42,8 +51,14 @@ from test import _test_multiprocessing as mptest   # may raise SkipTest
 from test.support import script_helper
 
 from shmpool._pool import Pool as ShmpoolPool
+from shmpool._queue import JoinableQueue as ShmpoolJoinableQueue
+from shmpool._queue import Queue as ShmpoolQueue
+from shmpool._queue import SimpleQueue as ShmpoolSimpleQueue
 
-BASES = ("_TestPool", "_TestPoolWorkerErrors", "_TestPoolWorkerLifetime")
+POOL_BASES = ("_TestPool", "_TestPoolWorkerErrors", "_TestPoolWorkerLifetime")
+QUEUE_BASES = ("_TestQueue", "TestSimpleQueue")
+STANDALONE = ("TestSimpleQueue",)       # plain TestCases, not BaseTestCase mixins
+BASES = POOL_BASES + QUEUE_BASES
 START_METHODS = [m for m in ("fork", "forkserver", "spawn")
                  if m in multiprocessing.get_all_start_methods()]
 EXCLUDED_MD = pathlib.Path(__file__).with_name("EXCLUDED.md")
@@ -80,6 +95,24 @@ def pool_factory(method: str):
     return Pool
 
 
+def queue_factories(method: str) -> dict[str, object]:
+    """``Queue``, ``JoinableQueue`` and ``SimpleQueue`` with the standard
+    library's signatures, over *method*'s context unless one is given."""
+    ctx = multiprocessing.get_context(method)
+
+    def Queue(maxsize=0, *, ctx=None, **kwargs):
+        return ShmpoolQueue(maxsize, ctx=ctx or default_ctx, **kwargs)
+
+    def JoinableQueue(maxsize=0, *, ctx=None, **kwargs):
+        return ShmpoolJoinableQueue(maxsize, ctx=ctx or default_ctx, **kwargs)
+
+    def SimpleQueue(*, ctx=None, **kwargs):
+        return ShmpoolSimpleQueue(ctx=ctx or default_ctx, **kwargs)
+
+    default_ctx = ctx
+    return {"Queue": Queue, "JoinableQueue": JoinableQueue, "SimpleQueue": SimpleQueue}
+
+
 def _subprocess_prelude(method: str) -> str:
     """Code run first in a ``-c`` child interpreter: the same redirection of
     ``multiprocessing.Pool`` as in this process (a child started with ``-I``
@@ -108,13 +141,16 @@ def make_mixin(method: str) -> type:
     """``ProcessesMixin`` with shmpool's Pool over *method*'s context."""
     ctx = multiprocessing.get_context(method)
     factory = pool_factory(method)
+    queues = queue_factories(method)
     attrs = {
         "start_method": method,
         "Pool": staticmethod(factory),
         "Process": ctx.Process,
+        "Queue": staticmethod(queues["Queue"]),
+        "JoinableQueue": staticmethod(queues["JoinableQueue"]),
     }
     # Keep the mixin's other factories on the same start method.
-    for name in ("Pipe", "Queue", "JoinableQueue", "Lock", "RLock", "Semaphore",
+    for name in ("Pipe", "Lock", "RLock", "Semaphore",
                  "BoundedSemaphore", "Condition", "Event", "Barrier", "Value",
                  "Array", "RawValue", "RawArray"):
         if hasattr(mptest.ProcessesMixin, name):
@@ -122,13 +158,7 @@ def make_mixin(method: str) -> type:
 
     def setUp(self):
         super(mixin, self).setUp()
-        for target, name, value in (
-                (multiprocessing, "Pool", factory),
-                (script_helper, "assert_python_ok",
-                 _wrap_assert_python_ok(method, script_helper.assert_python_ok))):
-            patcher = mock.patch.object(target, name, value)
-            patcher.start()
-            self.addCleanup(patcher.stop)
+        _patch(self, method, {})
 
     attrs["setUp"] = setUp
     mixin = type(f"ShmpoolProcessesMixin_{method}", (mptest.ProcessesMixin,), attrs)
@@ -136,25 +166,60 @@ def make_mixin(method: str) -> type:
     return mixin
 
 
+def _patch(case: unittest.TestCase, method: str, extra: dict) -> None:
+    """Point the ``multiprocessing`` names the tests call directly at
+    shmpool's classes (and *extra* ``multiprocessing`` names at the given
+    values) until *case* ends."""
+    replacements = [(multiprocessing, "Pool", pool_factory(method)),
+                    (multiprocessing.queues, "Queue", ShmpoolQueue),
+                    (script_helper, "assert_python_ok",
+                     _wrap_assert_python_ok(method, script_helper.assert_python_ok))]
+    replacements += [(multiprocessing, name, value)
+                     for name, value in {**queue_factories(method), **extra}.items()]
+    for target, name, value in replacements:
+        patcher = mock.patch.object(target, name, value)
+        patcher.start()
+        case.addCleanup(patcher.stop)
+
+
+def _standalone_case(base_name: str, method: str, attrs: dict) -> type:
+    """A subclass of the plain TestCase *base_name* whose direct calls of
+    ``multiprocessing.Process``/``Event`` use *method*'s context."""
+    ctx = multiprocessing.get_context(method)
+
+    def setUp(self):
+        super(case, self).setUp()
+        _patch(self, method, {"Process": ctx.Process, "Event": ctx.Event})
+
+    name = f"{base_name}_{method}"
+    case = type(name, (getattr(mptest, base_name),), {**attrs, "setUp": setUp})
+    return case
+
+
 def _excluded(func, reason: str):
     return unittest.skip(f"excluded, see tests/compat/EXCLUDED.md: {reason}")(func)
 
 
 def make_test_cases(method: str, exclusions: dict[tuple[str, str], str]) -> dict[str, type]:
-    """The three classes for *method*, as ``{name: TestCase subclass}``."""
+    """The classes for *method*, as ``{name: TestCase subclass}``."""
     mixin = make_mixin(method)
     cases = {}
     for base_name in BASES:
         base = getattr(mptest, base_name)
-        assert "processes" in base.ALLOWED_TYPES, base.ALLOWED_TYPES
         attrs = {}
         for (cls_name, test_name), reason in exclusions.items():
             if cls_name == base_name and hasattr(base, test_name):
                 attrs[test_name] = _excluded(getattr(base, test_name), reason)
-        # As install_tests_in_module_dict: 'With' + type + name[1:].
-        name = f"WithProcesses{base_name[1:]}_{method}"
-        case = type(name, (base, mixin, unittest.TestCase), attrs)
+        if base_name in STANDALONE:
+            case = _standalone_case(base_name, method, attrs)
+        else:
+            assert "processes" in base.ALLOWED_TYPES, base.ALLOWED_TYPES
+            # As install_tests_in_module_dict: 'With' + type + name[1:].
+            name = f"WithProcesses{base_name[1:]}_{method}"
+            case = type(name, (base, mixin, unittest.TestCase), attrs)
+        name = case.__name__
         case.__qualname__ = name
+        case.cpython_base = base_name
         case.__module__ = __name__
         cases[name] = case
     return cases
@@ -167,3 +232,9 @@ for _method in START_METHODS:
     # Module attributes, so pickle finds the classes by name in any process.
     globals().update(TEST_CASES[_method])
 del _method
+
+
+def cases_of(bases: tuple[str, ...]) -> dict[str, type]:
+    """Every start method's test cases built from the classes *bases*."""
+    return {name: case for cases in TEST_CASES.values() for name, case in cases.items()
+            if case.cpython_base in bases}

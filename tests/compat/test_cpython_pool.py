@@ -10,13 +10,9 @@ Collected by pytest as unittest TestCases, e.g.
 ``WithProcessesTestPool_spawn::test_imap``.
 """
 
-from _cpython_pool_harness import BASES, EXCLUSIONS, TEST_CASES
+from _cpython_pool_harness import BASES, EXCLUSIONS, POOL_BASES, cases_of
 
-from conftest import START_METHODS
-
-for _method in START_METHODS:
-    globals().update(TEST_CASES[_method])
-del _method
+globals().update(cases_of(POOL_BASES))
 
 
 def test_exclusions_name_real_tests():
