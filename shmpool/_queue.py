@@ -128,7 +128,8 @@ class _Sender:
         """Send *message*; *held* (an owning ref or None) is kept until the
         record is in the pipe.  Never blocks on a full pipe."""
         with self._cond:
-            if not self._buffer and not self._busy and self.write(message, held, 0):
+            if (not self._buffer and not self._busy and self._pipe.writable()
+                    and self.write(message, held, 0)):
                 return
             self._buffer.append((message, held))
             if self.thread is None:

@@ -47,6 +47,12 @@ def _wait(fd: int, events: int, deadline: float | None) -> bool:
     return bool(poller.poll(ms))
 
 
+def _ready_now(fd: int, event: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, event)
+    return any(revents & event for _, revents in poller.poll(0))
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + max(timeout, 0.0)
 
@@ -123,9 +129,12 @@ class RecordPipe:
 
     def readable(self) -> bool:
         """Whether a record is waiting now (another reader may take it)."""
-        poller = select.poll()
-        poller.register(self._reader.fileno(), select.POLLIN)
-        return any(event & select.POLLIN for _, event in poller.poll(0))
+        return _ready_now(self._reader.fileno(), select.POLLIN)
+
+    def writable(self) -> bool:
+        """Whether the pipe has room for a record now (another writer may
+        take it)."""
+        return _ready_now(self._writer.fileno(), select.POLLOUT)
 
     # -- closing -----------------------------------------------------------
 

@@ -21,6 +21,8 @@ __all__ = [
     "check_invariants",
     "raw_store",
     "pool_store",
+    "queue_store",
+    "in_store",
     "settled_statistics",
     "die_holding_store_lock",
     "FailsToUnpickle",
@@ -67,6 +69,21 @@ def check_invariants(store: ObjectStore | RawStore) -> None:
 def pool_store(pool) -> ObjectStore:
     """The store a Pool moves its arguments and results through."""
     return pool._store
+
+
+def queue_store(queue) -> ObjectStore:
+    """The store a Queue, JoinableQueue or SimpleQueue moves big items through."""
+    return queue._store
+
+
+def in_store(store: ObjectStore | RawStore, array) -> bool:
+    """Whether *array*'s memory lies inside *store*'s shared memory."""
+    import numpy as np
+    region = np.frombuffer(raw_store(store)._arena.buf, np.uint8)
+    try:
+        return bool(np.shares_memory(array, region))
+    finally:
+        del region
 
 
 def settled_statistics(store, baseline, timeout: float = 10.0):

@@ -14,14 +14,6 @@ from conftest import DEADLOCK_TIMEOUT
 MiB = 1 << 20
 
 
-def _in_arena(store, arr) -> bool:
-    region = np.frombuffer(testing.raw_store(store)._arena.buf, np.uint8)
-    try:
-        return bool(np.shares_memory(arr, region))
-    finally:
-        del region
-
-
 def _expected(n: int) -> np.ndarray:
     return np.random.default_rng(n).random(n)
 
@@ -35,7 +27,7 @@ def _child_encodes(store, nbytes, out):
 
 def _child_reads(store, message, out):
     got = store.decode(message)
-    out.put((bool(_in_arena(store, got)), bool(got.flags.writeable),
+    out.put((bool(testing.in_store(store, got)), bool(got.flags.writeable),
              float(got[0]), float(got[-1]), got.nbytes))
 
 
@@ -72,7 +64,7 @@ def test_array_put_in_child_is_read_zero_copy_in_parent(mp_context, nbytes):
         assert len(message) < 1024                     # 256 MiB crossed as a ref
         got = store.decode(message)
         assert got.nbytes == nbytes
-        assert _in_arena(store, got)
+        assert testing.in_store(store, got)
         assert not got.flags.writeable
         with pytest.raises(ValueError, match="read-only"):
             got[0] = 1.0
