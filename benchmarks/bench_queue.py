@@ -166,7 +166,7 @@ def main() -> None:
     before = testing.live_names()
     print(f"queues, start method {args.start_method}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}")
-    rows = report(f"throughput", f"ms for {ITEMS} x {ITEM_BYTES // MIB} MiB", 1,
+    rows = report("throughput", f"ms for {ITEMS} x {ITEM_BYTES // MIB} MiB", 1,
                   bench(Throughput, ITEMS, ctx, repeats))
     rows += report("ping-pong", "us per round trip", rounds // 1000,
                    bench(PingPong, rounds, ctx, repeats))
