@@ -18,9 +18,16 @@ in-band as an ordinary pickle; otherwise its frame goes into the store and
 only a ref (21 bytes) is sent, with one retained count that the receiver
 adopts.  ``encode_held`` makes the same message without the count: the
 sender holds the object until the receiver says it has its own hold (the
-pool's protocol, so that a dead sender leaves nothing behind).  If the store stays full for ``space_timeout`` seconds, the value
-falls back to an in-band pickle, with a warning (once) and a count in
+pool's protocol, so that a dead sender leaves nothing behind).  If the
+store stays full for ``space_timeout`` seconds, the value falls back to an
+in-band pickle, with a warning (once) and a count in
 ``statistics().fallbacks``: never an error where ``multiprocessing`` worked.
+
+``encode_bounded`` is for channels of fixed-size records (the queues): the
+message never exceeds the record, so a value with a long pickle goes into
+the store even if its buffers are small, and there is no in-band fallback.
+The sender holds the object until ``hand_over`` adds the receiver's count
+just before the record is written.
 
 Frame layout (inside one store object; native byte order)::
 
