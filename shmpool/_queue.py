@@ -128,9 +128,13 @@ class _Sender:
         """Send *message*; *held* (an owning ref or None) is kept until the
         record is in the pipe.  Never blocks on a full pipe."""
         with self._cond:
-            if (not self._buffer and not self._busy and self._pipe.writable()
-                    and self.write(message, held, 0)):
-                return
+            if not self._buffer and not self._busy and self._pipe.writable():
+                try:
+                    if self.write(message, held, 0):
+                        return
+                except OSError as exc:      # no reader left: as the feeder would
+                    self._report(exc)
+                    return
             self._buffer.append((message, held))
             if self.thread is None:
                 self.thread = threading.Thread(target=self._feed, name="shmpool-queue-feeder",
@@ -167,13 +171,18 @@ class _Sender:
             try:
                 self.write(message, held, None)
             except Exception as exc:
-                broken_pipe = getattr(exc, "errno", None) == errno.EPIPE
-                if not (broken_pipe and self._closing) and not util.is_exiting():
-                    traceback.print_exc()   # as the standard library's feeder reports it
+                self._report(exc)
             finally:
                 with self._cond:
                     self._busy = False
         self._finish()
+
+    def _report(self, exc: Exception) -> None:
+        """A record could not be written: print the error, as the standard
+        library's feeder does, unless it is a closed pipe at shutdown."""
+        broken_pipe = getattr(exc, "errno", None) == errno.EPIPE
+        if not (broken_pipe and self._closing) and not util.is_exiting():
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
 
     def close(self) -> None:
         """Let the feeder flush the buffer and finish; without a feeder,
