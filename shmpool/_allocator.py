@@ -26,11 +26,14 @@ finds the first non-empty class above the request in O(1).  Freed blocks
 coalesce with free neighbours at once (boundary tags).
 
 Crash consistency.  A process may be SIGKILLed anywhere, also while it
-holds the lock.  Every update is ordered so that walking the *header tags*
-from heap start always sees a valid tiling: a split writes the remainder's
-header before shrinking the block; a merge rewrites the first header of the
-run last.  Footers, lists, bitmap and counters are derived state, and
-``repair()`` rebuilds all of them from that walk.
+holds the lock.  Each shared word goes from its old value to its new one in
+a single store (``Arena.words``; never ``struct.pack_into``, which zeroes
+the word before it writes the value).  Every update is ordered so that
+walking the *header tags* from heap start always sees a valid tiling: a
+split writes the remainder's header before shrinking the block; a merge
+rewrites the first header of the run last.  Footers, lists, bitmap and
+counters are derived state, and ``repair()`` rebuilds all of them from that
+walk.
 
 Invariants (checked by ``_check_invariants``):
 
@@ -47,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -79,11 +81,8 @@ LOCK_TIMEOUT = 60.0
 #: Exact-class candidates inspected before moving to a larger class.
 FIT_SCAN_LIMIT = 16
 
-# Native formats on purpose: the standard-size ("<") packers store a u64 one
-# byte at a time, so a process SIGKILLed mid-store would leave a torn value;
-# native packers copy each field with one store.  The layout is this
-# machine's, which is the only machine that maps it.
-_U64 = struct.Struct("Q")
+# Offsets below are in bytes and multiples of 8; every shared word is read
+# and written as ``arena.words[offset >> 3]`` (see _arena for why not struct).
 _H_HOLDER, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
     HEADER_SIZE + 8 * i for i in range(8))
 _H_TAKEOVERS = HEADER_SIZE + 64
@@ -153,7 +152,7 @@ class FreeListAllocator:
 
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
-        self._buf = arena.buf
+        self._words = arena.words
         self._sem = arena.lock
         self._steal_mutex = threading.Lock()
         self._repair_hooks: list = []
@@ -164,12 +163,11 @@ class FreeListAllocator:
         if arena.capacity - HEAP_START < MIN_BLOCK:
             raise ValueError(f"arena of {arena.capacity} bytes is too small for a heap")
         alloc = cls(arena)
-        buf = alloc._buf
         for off in range(HEADER_SIZE, ALLOC_HEADER_END, 8):
-            _U64.pack_into(buf, off, 0)
+            alloc._set(off, 0)
         end = arena.capacity // ALIGNMENT * ALIGNMENT
-        _U64.pack_into(buf, _H_START, HEAP_START)
-        _U64.pack_into(buf, _H_END, end)
+        alloc._set(_H_START, HEAP_START)
+        alloc._set(_H_END, end)
         alloc._write_free_block(HEAP_START, end - HEAP_START)
         alloc._push_free(HEAP_START, end - HEAP_START)
         return alloc
@@ -181,10 +179,11 @@ class FreeListAllocator:
     # -- locking -----------------------------------------------------------
 
     def _get(self, off: int) -> int:
-        return _U64.unpack_from(self._buf, off)[0]
+        return self._words[off >> 3]
 
     def _set(self, off: int, value: int) -> None:
-        _U64.pack_into(self._buf, off, value)
+        # One store: a process killed here leaves the old value or the new.
+        self._words[off >> 3] = value
 
     def _on_acquired(self) -> None:
         self._set(_H_HOLDER, _pid)

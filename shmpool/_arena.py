@@ -19,6 +19,9 @@ Arena header (native u64 at offsets from the segment start)::
     +24 committed (bytes)        +32 token (random u64)   +40..63 reserved
 
 Bytes from HEADER_SIZE on belong to the allocator.
+
+Shared words are written through ``Arena.words``, never with
+``struct.pack_into``: see the comment at ``_HEADER``.
 """
 
 from __future__ import annotations
@@ -45,13 +48,17 @@ COMMIT_CHUNK = 2 * 1024 * 1024
 #: The smallest arena worth creating (tests use small ones on purpose).
 MIN_CAPACITY = 64 * 1024
 
-# Native formats on purpose: the standard-size ("<") packers store a u64 one
-# byte at a time, so a process SIGKILLed mid-store would leave a torn value;
-# native packers copy each field with one store.  The layout is this
-# machine's, which is the only machine that maps it.
+# A word that another process may read after this one is SIGKILLed must go
+# from its old value to its new one in a single store.  struct.pack_into
+# cannot do that: it zeroes its target first and only then converts and
+# copies the value, so a process killed in between leaves 0 behind (and the
+# standard-size "<" packers also store a u64 one byte at a time).  Assigning
+# to an item of a "Q" memoryview converts the value first and then copies
+# the 8 bytes at once.  _HEADER is packed only by create(), before any other
+# process can see the arena.  The layout is this machine's, which is the
+# only machine that maps it.
 _HEADER = struct.Struct("8sQQQQ")
-_COMMITTED = struct.Struct("Q")
-_COMMITTED_AT = 24
+_COMMITTED_WORD = 24 // 8
 
 
 def _round_up(n: int, k: int) -> int:
@@ -76,6 +83,9 @@ class Arena:
         self._fd = fd
         self._mmap = mmap.mmap(fd, capacity)
         self.buf = memoryview(self._mmap)
+        #: The segment as native u64 words: ``words[offset // 8]``.  Stores
+        #: through it never leave a half-written word (see ``_HEADER``).
+        self.words = self.buf.cast("Q")
         probe = ctypes.c_char.from_buffer(self._mmap)
         self.address = ctypes.addressof(probe)
         del probe
@@ -137,6 +147,7 @@ class Arena:
         if self._closed:
             return
         self._closed = True
+        self.words.release()
         self.buf.release()
         try:
             self._mmap.close()
@@ -175,7 +186,7 @@ class Arena:
     @property
     def committed(self) -> int:
         """Bytes from the start of the segment backed by reserved memory."""
-        return _COMMITTED.unpack_from(self._mmap, _COMMITTED_AT)[0]
+        return self.words[_COMMITTED_WORD]
 
     def commit_up_to(self, end: int) -> bool:
         """Reserve memory for the segment up to byte *end*.
@@ -189,7 +200,7 @@ class Arena:
             return True
         if not _posix.commit_pages(self._fd, committed, new_end - committed):
             return False
-        _COMMITTED.pack_into(self._mmap, _COMMITTED_AT, new_end)
+        self.words[_COMMITTED_WORD] = new_end
         return True
 
     # -- buffers -----------------------------------------------------------
