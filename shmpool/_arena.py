@@ -20,8 +20,9 @@ Arena header (native u64 at offsets from the segment start)::
 
 Bytes from HEADER_SIZE on belong to the allocator.
 
-Shared words are written through ``Arena.words``, never with
-``struct.pack_into``: see the comment at ``_HEADER``.
+Shared words are written through ``Arena.words`` (u64) and
+``Arena.words32`` (u32), never with ``struct.pack_into``: see the comment
+at ``_HEADER``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class Arena:
         #: The segment as native u64 words: ``words[offset // 8]``.  Stores
         #: through it never leave a half-written word (see ``_HEADER``).
         self.words = self.buf.cast("Q")
+        #: The same as native u32 words: ``words32[offset // 4]``.
+        self.words32 = self.buf.cast("I")
         probe = ctypes.c_char.from_buffer(self._mmap)
         self.address = ctypes.addressof(probe)
         del probe
@@ -148,6 +151,7 @@ class Arena:
             return
         self._closed = True
         self.words.release()
+        self.words32.release()
         self.buf.release()
         try:
             self._mmap.close()

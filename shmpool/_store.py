@@ -255,6 +255,8 @@ class RawStore:
         self._arena = arena
         self._alloc = alloc
         self._buf = arena.buf
+        self._words = arena.words
+        self._words32 = arena.words32
         self._table = table
         self._slots = table + _SLOTS
         self._max_objects = _U64.unpack_from(self._buf, table + _T_MAX)[0]
@@ -303,7 +305,7 @@ class RawStore:
             raise StoreFullError(
                 f"{MAX_PROCESSES} live processes are attached to this store; "
                 f"no more can attach (use fewer worker processes)")
-        _U64.pack_into(self._buf, self._proc_at(free), os.getpid())
+        self._put64(self._proc_at(free), os.getpid())
         return free
 
     def _release_process_locked(self, index: int) -> None:
@@ -314,13 +316,13 @@ class RawStore:
         del words
         for slot in held:
             at = self._slot_at(slot)
-            _U64.pack_into(self._buf, at + 40 + 8 * (word - 5),
+            self._put64(at + 40 + 8 * (word - 5),
                            _U64.unpack_from(self._buf, at + 40 + 8 * (word - 5))[0] & ~bit)
             if _U32.unpack_from(self._buf, at + 32)[0] == CREATED:
-                _U32.pack_into(self._buf, at + 32, DELETED)       # a dead creator aborts
+                self._put32(at + 32, DELETED)       # a dead creator aborts
         for slot in held:
             self._maybe_free_locked(slot)
-        _U64.pack_into(self._buf, self._proc_at(index), 0)
+        self._put64(self._proc_at(index), 0)
 
     def reap_dead_processes(self) -> int:
         """Release every hold of every attached process that has died, and
@@ -343,6 +345,17 @@ class RawStore:
 
     def _read_slot(self, slot: int):
         return _SLOT.unpack_from(self._buf, self._slot_at(slot))
+
+    # Shared words are stored whole: ``struct.pack_into`` zeroes its target
+    # before it writes, so a process killed inside it would leave a 0 (no
+    # holders, no count) for the next lock holder to act on.  Item
+    # assignment on a memoryview converts the value first, then stores it.
+
+    def _put64(self, offset: int, value: int) -> None:
+        self._words[offset >> 3] = value
+
+    def _put32(self, offset: int, value: int) -> None:
+        self._words32[offset >> 2] = value
 
     def _validate_locked(self, ref: ObjectRef, *states: int):
         """Return the slot fields of *ref*, or raise if the ref is stale,
@@ -375,8 +388,9 @@ class RawStore:
         return lo | hi << 64
 
     def _set_holders(self, slot: int, mask: int) -> None:
-        _HOLDERS.pack_into(self._buf, self._slot_at(slot) + 40,
-                         mask & (2**64 - 1), mask >> 64)
+        at = self._slot_at(slot)
+        self._put64(at + 40, mask & (2**64 - 1))
+        self._put64(at + 48, mask >> 64)
 
     def _maybe_free_locked(self, slot: int) -> None:
         """Free *slot*'s object if nothing holds it any more, then drop the
@@ -395,22 +409,22 @@ class RawStore:
                 continue
             deps = [_DEP.unpack_from(self._buf, block + 16 * i) for i in range(ndeps)]
             at = self._slot_at(slot)
-            _U32.pack_into(self._buf, at + 32, FREE)        # stale refs now fail
-            _U64.pack_into(self._buf, at + 8, _U64.unpack_from(
+            self._put32(at + 32, FREE)        # stale refs now fail
+            self._put64(at + 8, _U64.unpack_from(
                 self._buf, self._table + _T_FREE_HEAD)[0])
-            _U64.pack_into(self._buf, self._table + _T_FREE_HEAD, slot + 1)
+            self._put64(self._table + _T_FREE_HEAD, slot + 1)
             self._add_live(-1)
             self._alloc.free_locked(block)
             for dslot, dgen in deps:
                 dat = self._slot_at(dslot)
                 if _U64.unpack_from(self._buf, dat)[0] == dgen:
                     r = _U32.unpack_from(self._buf, dat + 36)[0]
-                    _U32.pack_into(self._buf, dat + 36, max(r - 1, 0))
+                    self._put32(dat + 36, max(r - 1, 0))
                     pending.append(dslot)
 
     def _add_live(self, delta: int) -> None:
         at = self._table + _T_LIVE
-        _U64.pack_into(self._buf, at, _U64.unpack_from(self._buf, at)[0] + delta)
+        self._put64(at, _U64.unpack_from(self._buf, at)[0] + delta)
 
     # -- local holds -------------------------------------------------------
 
@@ -590,16 +604,25 @@ class RawStore:
         at = self._slot_at(slot)
         next_free = _U64.unpack_from(self._buf, at + 8)[0]
         gen = _U64.unpack_from(self._buf, self._table + _T_GEN)[0] + 1
-        _U64.pack_into(self._buf, self._table + _T_GEN, gen)
-        _U64.pack_into(self._buf, self._table + _T_FREE_HEAD, next_free)
+        self._put64(self._table + _T_GEN, gen)
+        self._put64(self._table + _T_FREE_HEAD, next_free)
         for i, (d, fields) in enumerate(zip(depends_on, dep_fields)):
-            _DEP.pack_into(self._buf, block + 16 * i, d.slot, d.generation)
-            _U32.pack_into(self._buf, self._slot_at(d.slot) + 36, fields[5] + 1)
-        # The slot appears with the creator's hold in one write, so that a
-        # creator killed right after still has its hold found and released.
-        mask = 1 << self._index
-        _SLOT.pack_into(self._buf, at, gen, block, block + deps_bytes, nbytes, CREATED,
-                        0, mask & (2**64 - 1), mask >> 64, self._index, len(depends_on))
+            self._put64(block + 16 * i, d.slot)
+            self._put64(block + 16 * i + 8, d.generation)
+            self._put32(self._slot_at(d.slot) + 36, fields[5] + 1)
+        # Every field first, the state last: until it says CREATED the slot
+        # is free to everyone (a repair puts it back on the free list), and
+        # from then on it has the creator's hold, so that a creator killed
+        # right after still has its hold found and released.
+        self._put64(at, gen)
+        self._put64(at + 8, block)
+        self._put64(at + 16, block + deps_bytes)
+        self._put64(at + 24, nbytes)
+        self._put32(at + 36, 0)
+        self._set_holders(slot, 1 << self._index)
+        self._put32(at + 56, self._index)
+        self._put32(at + 60, len(depends_on))
+        self._put32(at + 32, CREATED)
         self._local[(slot, gen)] = 1      # the writable view's hold
         self._add_live(1)
         return slot, gen, block + deps_bytes
@@ -609,7 +632,7 @@ class RawStore:
         owning ref.  Raises ObjectStateError if it is not in created state."""
         with self._locked():
             self._validate_locked(ref, CREATED)
-            _U32.pack_into(self._buf, self._slot_at(ref.slot) + 32, SEALED)
+            self._put32(self._slot_at(ref.slot) + 32, SEALED)
             self._hold_locked(ref.slot, ref.generation)
         return self._own(ref)
 
@@ -618,7 +641,7 @@ class RawStore:
         memory returns once its writable views are gone."""
         with self._locked():
             self._validate_locked(ref, CREATED)
-            _U32.pack_into(self._buf, self._slot_at(ref.slot) + 32, DELETED)
+            self._put32(self._slot_at(ref.slot) + 32, DELETED)
             self._maybe_free_locked(ref.slot)
 
     def get(self, ref: ObjectRef) -> memoryview:
@@ -663,7 +686,7 @@ class RawStore:
         owns, if any.  Views already handed out stay valid until dropped."""
         with self._locked():
             self._validate_locked(ref, SEALED, DELETED)
-            _U32.pack_into(self._buf, self._slot_at(ref.slot) + 32, DELETED)
+            self._put32(self._slot_at(ref.slot) + 32, DELETED)
         if ref.owned:
             ref._hold()
 
@@ -674,7 +697,7 @@ class RawStore:
         ``release_retained`` takes it back (a message in flight)."""
         with self._locked():
             fields = self._validate_locked(ref, SEALED, DELETED)
-            _U32.pack_into(self._buf, self._slot_at(ref.slot) + 36, fields[5] + 1)
+            self._put32(self._slot_at(ref.slot) + 36, fields[5] + 1)
 
     def release_retained(self, ref: ObjectRef) -> None:
         """Take back a count added by ``retain``."""
@@ -682,7 +705,7 @@ class RawStore:
             fields = self._validate_locked(ref, SEALED, DELETED)
             if not fields[5]:
                 raise ObjectStateError(f"{ref!r} has no retained count to release")
-            _U32.pack_into(self._buf, self._slot_at(ref.slot) + 36, fields[5] - 1)
+            self._put32(self._slot_at(ref.slot) + 36, fields[5] - 1)
             self._maybe_free_locked(ref.slot)
 
     def adopt(self, ref: ObjectRef) -> ObjectRef:
@@ -693,7 +716,7 @@ class RawStore:
             if not fields[5]:
                 raise ObjectStateError(f"{ref!r} has no retained count to adopt")
             self._hold_locked(ref.slot, ref.generation)
-            _U32.pack_into(self._buf, self._slot_at(ref.slot) + 36, fields[5] - 1)
+            self._put32(self._slot_at(ref.slot) + 36, fields[5] - 1)
         return self._own(ref)
 
     # -- lookups -----------------------------------------------------------
@@ -752,7 +775,7 @@ class RawStore:
         with self._locked():
             at = self._table + _T_FALLBACKS
             count = _U64.unpack_from(self._buf, at)[0] + 1
-            _U64.pack_into(self._buf, at, count)
+            self._put64(at, count)
         return count
 
     def statistics(self) -> StoreStatistics:
@@ -786,10 +809,10 @@ class RawStore:
                 live += 1
         head = 0
         for slot in reversed(free_slots):
-            _U64.pack_into(self._buf, self._slot_at(slot) + 8, head)
+            self._put64(self._slot_at(slot) + 8, head)
             head = slot + 1
-        _U64.pack_into(self._buf, self._table + _T_FREE_HEAD, head)
-        _U64.pack_into(self._buf, self._table + _T_LIVE, live)
+        self._put64(self._table + _T_FREE_HEAD, head)
+        self._put64(self._table + _T_LIVE, live)
         for payload, used in list(self._alloc.blocks()):
             if used and payload not in referenced:
                 self._alloc.free_locked(payload)
@@ -882,7 +905,7 @@ class RawStore:
         """
         with self._locked():
             self._release_process_locked(self._index)
-            _U64.pack_into(self._buf, self._proc_at(self._index), os.getpid())
+            self._put64(self._proc_at(self._index), os.getpid())
             self._local.clear()
             self._exports.clear()
             self._export_starts = None
