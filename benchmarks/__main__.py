@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks [--quick] [--only W1,W4] [--peers shmpool,mp-fork]
                          [--workers N] [--repeats N] [--out benchmarks/results]
+                         [--notes NOTE.md] [--redraw results.json]
 
 Writes ``results.md``, ``results.json`` and ``chart.png`` under ``--out``,
 then prints the summary tables and the target checks.  The exit status is
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=FIGURE_TIMEOUT,
                         help="seconds a figure may take before it counts as hung: every "
                              "thread's traceback is dumped and the run exits")
+    parser.add_argument("--notes", metavar="MARKDOWN",
+                        help="a markdown file to close results.md with (say where the time "
+                             "goes where a target is missed); kept in results.json")
     parser.add_argument("--redraw", metavar="JSON",
                         help="measure nothing: write results.md and chart.png again from "
                              "a results.json")
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"] = targets.check(results)
     else:
         results = run(args, argv)
+    if args.notes:
+        with open(args.notes, encoding="utf-8") as f:
+            results["closing_note"] = f.read()
     notes = report.write_all(results, args.out)
     print(report.summary_text(results))
     for note in notes:

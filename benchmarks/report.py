@@ -80,6 +80,8 @@ def markdown(results: dict) -> str:
     lines += _lifecycle_table(results)
     lines += target_lines(results)
     lines += _problem_lines(results)
+    if results.get("closing_note"):
+        lines += [results["closing_note"].strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
