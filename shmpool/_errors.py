@@ -12,7 +12,7 @@
     |                                             lock holder that never comes back
     +-- SerializationError   [pickle.PicklingError]  names the type; __cause__ = original
     +-- BrokenPoolError      [concurrent.futures.process.BrokenProcessPool]
-        +-- WorkerDiedError                       .pid, .exitcode; names the signal
+        +-- WorkerDiedError                       .pid, .exitcode, .replaced; names the signal
 
 Every new error also subclasses the standard library type a drop-in user
 would already catch (bracketed above).  Messages are lowercase, name the
@@ -91,15 +91,20 @@ class BrokenPoolError(ShmpoolError, BrokenProcessPool):
 
 
 class WorkerDiedError(BrokenPoolError):
-    """The worker process running the task died before answering.
+    """A worker process died before answering.
 
-    ``pid`` and ``exitcode`` (negative: the signal) name the process.  The
-    pool has already replaced it; other tasks are unaffected.
+    ``pid`` and ``exitcode`` (negative: the signal) name the process.  With
+    ``replaced`` true (the Pool), the task it ran failed, the pool has
+    already replaced the worker, and other tasks are unaffected.  With
+    ``replaced`` false (the executor, as ``concurrent.futures`` does), the
+    pool is broken: every task it had not finished fails with this error
+    and it takes no new ones.
     """
 
-    def __init__(self, pid: int, exitcode: int | None) -> None:
+    def __init__(self, pid: int, exitcode: int | None, replaced: bool = True) -> None:
         self.pid = pid
         self.exitcode = exitcode
+        self.replaced = replaced
         if exitcode is not None and exitcode < 0:
             try:
                 how = f"was killed by {signal.Signals(-exitcode).name}"
@@ -107,10 +112,17 @@ class WorkerDiedError(BrokenPoolError):
                 how = f"was killed by signal {-exitcode}"
         else:
             how = f"exited with code {exitcode}"
-        super().__init__(
-            f"worker process {pid} {how} while running the task (exitcode "
-            f"{exitcode}); the pool replaced it (a crash in the task, os._exit, "
-            f"or the OOM killer are the usual causes)")
+        if replaced:
+            super().__init__(
+                f"worker process {pid} {how} while running the task (exitcode "
+                f"{exitcode}); the pool replaced it (a crash in the task, os._exit, "
+                f"or the OOM killer are the usual causes)")
+        else:
+            super().__init__(
+                f"worker process {pid} {how} (exitcode {exitcode}), so the pool is "
+                f"broken: every task it had not finished failed and it takes no new "
+                f"ones; create a new one (a crash in a task, os._exit, an initializer "
+                f"that raised, or the OOM killer are the usual causes)")
 
     def __reduce__(self):
-        return (type(self), (self.pid, self.exitcode))
+        return (type(self), (self.pid, self.exitcode, self.replaced))

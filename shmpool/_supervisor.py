@@ -15,12 +15,26 @@ way in); otherwise it waits in the queue until a worker answers.
 The one supervisor thread waits on every worker pipe, every worker's
 sentinel and a wake-up pipe.  When a worker dies (any signal, ``os._exit``,
 the OOM killer), its task fails at once with WorkerDiedError naming the pid
-and signal, the task's arguments are released, the dead worker's holds in
-the store are reaped, and a new worker takes its place.  Nothing waits for
-a dead process.
+and signal, the task's arguments are released, and the dead worker's holds
+in the store are reaped.  Nothing waits for a dead process.  What happens
+next is a choice of the front end:
+
+- ``break_on_death=False`` (the Pool): a new worker takes its place and
+  other tasks are unaffected;
+- ``break_on_death=True`` (the executor, as ``concurrent.futures``): the
+  supervisor is broken: every other worker is terminated, every task not
+  yet answered fails with WorkerDiedError, and ``submit`` refuses new ones.
+
+Options the executor needs, each harmless for the Pool: ``start_on_demand``
+starts a worker only when a task finds none idle (as ``concurrent.futures``
+does outside fork); ``on_dispatch`` is asked just before a task goes to a
+worker and may withdraw it (a cancelled future); ``on_stop`` runs once the
+last worker is gone; ``conventions`` picks whose failure rules the workers
+follow.
 
 Thread-safety: all state below is guarded by ``_lock``; answers are handed
-to ``on_answer`` outside it.
+to ``on_answer`` outside it.  ``on_dispatch`` is called under it, so it must
+not call back into the supervisor.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from multiprocessing.connection import wait
 
 from ._errors import BrokenPoolError, WorkerDiedError
 from ._serialization import ObjectStore
-from ._worker import ACK, HEADER, STOP, run_worker
+from ._worker import ACK, HEADER, STOP, Conventions, run_worker
 
 __all__ = ["Supervisor", "State"]
 
@@ -64,23 +78,51 @@ class Supervisor:
             answered (status OK or ERROR, payload a store message), called in
             the supervisor thread.
         on_failure: ``on_failure(job, index, exception)`` for a task whose
-            worker died or that could not be sent.
+            worker died, that could not be sent, or that was still queued
+            when the supervisor was terminated or broke.
+        break_on_death: a worker that dies (rather than retiring or being
+            told to stop) breaks the supervisor instead of being replaced.
+        start_on_demand: start no worker up front; start one (up to *size*)
+            whenever a task finds no idle worker.
+        on_dispatch: ``on_dispatch(job, index) -> bool``, called under the
+            lock just before a task goes to a worker; False withdraws it
+            (its held arguments are released; nothing else is called).
+        on_stop: called once in the supervisor thread when the last worker
+            is gone and the supervisor has stopped.
+        conventions: the failure rules of the workers (``Conventions``).
     """
 
     def __init__(self, ctx, store: ObjectStore, size: int, initializer, initargs,
-                 maxtasks, on_answer, on_failure) -> None:
+                 maxtasks, on_answer, on_failure, *, break_on_death: bool = False,
+                 start_on_demand: bool = False, on_dispatch=None, on_stop=None,
+                 conventions: Conventions = Conventions.POOL) -> None:
         self._ctx = ctx
         self._store = store
-        self._worker_args = (initializer, initargs, maxtasks)
+        self._size = size
+        self._worker_args = (initializer, initargs, maxtasks, conventions)
         self._on_answer = on_answer
         self._on_failure = on_failure
+        self._on_dispatch = on_dispatch
+        self._on_stop = on_stop
+        self._break_on_death = break_on_death
+        self._start_on_demand = start_on_demand
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()
         self._workers: dict[object, _Worker] = {}
         self._state = State.RUNNING
+        self._broken: WorkerDiedError | None = None
+        self._stop_error = lambda: BrokenPoolError(
+            "the pool was terminated before the task finished")
+        # The wake-up pipe: any thread writes a byte to wake the supervisor
+        # thread.  Its descriptors are closed when that thread ends; the
+        # write end is cleared first, under its own lock, so that a late
+        # wake-up never writes into a reused descriptor number.
+        self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
-        for _ in range(size):
-            self._spawn_locked()
+        os.set_blocking(self._wake_w, False)       # a full pipe wakes it already
+        if not start_on_demand:
+            for _ in range(size):
+                self._spawn_locked()
         self._thread = threading.Thread(target=self._run, name="shmpool-supervisor",
                                         daemon=True)
         self._thread.start()
@@ -95,6 +137,7 @@ class Supervisor:
         process.start()
         theirs.close()
         self._workers[ours] = _Worker(process, ours, self._worker_args[2])
+        self._wake()                 # the supervisor thread must watch it too
 
     @property
     def pids(self) -> list[int]:
@@ -102,8 +145,24 @@ class Supervisor:
             return [w.process.pid for w in self._workers.values()]
 
     @property
+    def processes(self) -> dict:
+        """``{pid: Process}`` of the workers now running (a snapshot)."""
+        with self._lock:
+            return {w.process.pid: w.process for w in self._workers.values()}
+
+    @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def broken(self) -> WorkerDiedError | None:
+        """The death that broke the supervisor (``break_on_death``), or None."""
+        return self._broken
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The supervisor thread (answers and callbacks run in it)."""
+        return self._thread
 
     # -- tasks -------------------------------------------------------------
 
@@ -117,17 +176,35 @@ class Supervisor:
             self._dispatch_locked()
 
     def _dispatch_locked(self) -> None:
-        for worker in self._workers.values():
-            if not self._queue:
+        for worker in list(self._workers.values()):
+            if worker.task is None and not worker.retiring:
+                if not self._give_locked(worker):
+                    return
+        # Tasks left and no idle worker: start workers, up to the size (on
+        # demand; or replacements of workers that exited while closing).
+        while (self._queue and len(self._workers) < self._size
+               and self._state in (State.RUNNING, State.CLOSING)):
+            self._spawn_locked()
+            if not self._give_locked(list(self._workers.values())[-1]):
                 return
-            if worker.task is not None or worker.retiring:
-                continue
+
+    def _give_locked(self, worker: _Worker) -> bool:
+        """Send the next task *on_dispatch* accepts to the idle *worker*;
+        False if the queue ran out first."""
+        while self._queue:
             job, index, message, held = self._queue.popleft()
-            worker.task = (job, index, held)
-            if worker.tasks_left is not None:
-                worker.tasks_left -= 1
-                worker.retiring = worker.tasks_left == 0
-            self._send(worker, message)
+            if self._on_dispatch is None or self._on_dispatch(job, index):
+                break
+            if held is not None:
+                self._store.release(held)            # withdrawn: it never runs
+        else:
+            return False
+        worker.task = (job, index, held)
+        if worker.tasks_left is not None:
+            worker.tasks_left -= 1
+            worker.retiring = worker.tasks_left == 0
+        self._send(worker, message)
+        return True
 
     # -- the supervisor thread ---------------------------------------------
 
@@ -151,8 +228,12 @@ class Supervisor:
                     self._drain(worker)          # answers sent before it died
                     self._on_exit(worker)
             self._stop_idle_workers_if_closing()
+        with self._wake_lock:
+            os.close(self._wake_w)
+            self._wake_w = None
         os.close(self._wake_r)
-        os.close(self._wake_w)
+        if self._on_stop is not None:
+            self._on_stop()
 
     def _drain(self, worker: _Worker | None) -> None:
         while worker is not None:
@@ -164,11 +245,16 @@ class Supervisor:
                 return
             job, index, status = HEADER.unpack_from(message)
             payload = memoryview(message)[HEADER.size:]
-            self._on_answer(job, index, status, payload)     # takes its own hold
-            if self._store.is_held_message(payload):
-                self._send(worker, ACK)                      # the worker lets go
+            # Idle from now on, before the answer is delivered: a caller that
+            # submits as soon as it has its result finds this worker free.
+            # (Sends to a worker happen under the lock, so the ACK below and
+            # a caller's next task never interleave on the pipe.)
             with self._lock:
                 task, worker.task = worker.task, None
+            self._on_answer(job, index, status, payload)     # takes its own hold
+            with self._lock:
+                if self._store.is_held_message(payload):
+                    self._send(worker, ACK)                  # the worker lets go
                 self._dispatch_locked()
             if task is not None and task[2] is not None:
                 self._store.release(task[2])                 # the task's arguments
@@ -185,19 +271,34 @@ class Supervisor:
         with self._lock:
             self._workers.pop(worker.conn, None)
             task, worker.task = worker.task, None
+            # A death, not a retirement or a STOP: the pool breaks if so told.
+            breaks = (self._break_on_death and (task is not None or not worker.retiring)
+                      and self._state in (State.RUNNING, State.CLOSING))
         worker.conn.close()
         self._store.raw.reap_dead_processes()    # its views, its unsealed objects
+        pid, exitcode = worker.process.pid, worker.process.exitcode
+
+        def broke() -> WorkerDiedError:      # what every unfinished task gets
+            return WorkerDiedError(pid, exitcode, replaced=False)
+
+        if breaks:
+            self._broken = broke()
         if task is not None:
             job, index, held = task
             if held is not None:
                 self._store.release(held)
-            if self._state is State.TERMINATING:
-                error = BrokenPoolError("the pool was terminated before the task finished")
+            if breaks:
+                error = broke()
+            elif self._state is State.TERMINATING:
+                error = self._stop_error()
             else:
-                error = WorkerDiedError(worker.process.pid, worker.process.exitcode)
+                error = WorkerDiedError(pid, exitcode)
             self._on_failure(job, index, error)
+        if breaks:
+            self._terminate(broke)
+            return
         with self._lock:
-            if self._state is State.RUNNING or (self._state is State.CLOSING and self._queue):
+            if self._state is State.RUNNING and not self._start_on_demand:
                 self._spawn_locked()
             self._dispatch_locked()
 
@@ -211,10 +312,13 @@ class Supervisor:
                     self._send(worker, STOP)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        with self._wake_lock:
+            if self._wake_w is None:         # the supervisor thread has ended
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:                  # full: the thread has a wake-up pending
+                pass
 
     # -- shutdown ----------------------------------------------------------
 
@@ -227,10 +331,17 @@ class Supervisor:
 
     def terminate(self) -> None:
         """Kill every worker now; queued and running tasks fail."""
+        self._terminate(None)
+
+    def _terminate(self, make_error) -> None:
+        """Terminate; queued and running tasks fail with ``make_error()``
+        (None: BrokenPoolError saying the pool was terminated)."""
         with self._lock:
-            if self._state is State.STOPPED:
+            if self._state in (State.STOPPED, State.TERMINATING):
                 return
             self._state = State.TERMINATING
+            if make_error is not None:
+                self._stop_error = make_error
             queued, self._queue = list(self._queue), collections.deque()
             workers = list(self._workers.values())
         for worker in workers:
@@ -238,7 +349,9 @@ class Supervisor:
         for job, index, _, held in queued:
             if held is not None:
                 self._store.release(held)
-            self._on_failure(job, index, BrokenPoolError("the pool was terminated"))
+            error = (BrokenPoolError("the pool was terminated") if make_error is None
+                     else make_error())
+            self._on_failure(job, index, error)
         self._wake()
 
     def join(self, timeout: float | None = None) -> None:
