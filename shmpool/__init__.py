@@ -17,6 +17,7 @@ from ._errors import (
     StoreFullError,
     WorkerDiedError,
 )
+from ._executor import ProcessPoolExecutor
 from ._pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool, PoolStatistics
 from ._queue import JoinableQueue, Queue, SimpleQueue
 from ._serialization import ObjectStore, StoreFullWarning, writable
@@ -39,6 +40,7 @@ __all__ = [
     "ObjectStore",
     "Pool",
     "PoolStatistics",
+    "ProcessPoolExecutor",
     "Queue",
     "SerializationError",
     "ShmpoolError",
