@@ -124,6 +124,41 @@ class _Futures:
             future.set_exception(exc)
 
 
+class _StoreCloser:
+    """Closes the executor's store once both its supervisor has stopped and
+    its owner is done with it (shut down or dropped), in either order.
+
+    Not before: a broken executor's supervisor stops while the caller may
+    still be pickling a task into the store; that task must fail with the
+    executor's error, not with a closed store.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._waiting_for = {"supervisor", "owner"}
+
+    def supervisor_stopped(self) -> None:
+        self._done("supervisor")
+
+    def owner_finished(self) -> None:
+        self._done("owner")
+
+    def _done(self, who: str) -> None:
+        with self._lock:
+            self._waiting_for.discard(who)
+            close = not self._waiting_for
+        if close:
+            self._store.close()          # idempotent
+
+
+def _dropped(supervisor: Supervisor, closer: _StoreCloser) -> None:
+    """A dropped executor: finish the submitted tasks, then free everything;
+    called from the garbage collector, so it never blocks."""
+    supervisor.close()
+    closer.owner_finished()
+
+
 def _default_context(max_tasks_per_child):
     if max_tasks_per_child is not None:
         return multiprocessing.get_context("spawn")
@@ -181,6 +216,7 @@ class ProcessPoolExecutor(Executor):
         self._mp_context = mp_context
         self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout)
         self._futures = _Futures(self._store)
+        self._closer = _StoreCloser(self._store)
         try:
             # Under fork, start every worker now, before the caller starts
             # threads that a later fork would copy mid-flight.
@@ -189,14 +225,13 @@ class ProcessPoolExecutor(Executor):
                 max_tasks_per_child, self._futures.on_answer, self._futures.on_failure,
                 break_on_death=True,
                 start_on_demand=mp_context.get_start_method(allow_none=False) != "fork",
-                on_dispatch=self._futures.on_dispatch, on_stop=self._store.close,
+                on_dispatch=self._futures.on_dispatch, on_stop=self._closer.supervisor_stopped,
                 conventions=Conventions.FUTURES)
         except BaseException:
             self._store.close()
             raise
         self._shutdown = False
-        # Dropped without shutdown: finish the submitted tasks, never block.
-        weakref.finalize(self, self._supervisor.close)
+        weakref.finalize(self, _dropped, self._supervisor, self._closer)
         _exit_handler.watch(self._supervisor)
 
     # -- submitting --------------------------------------------------------
@@ -218,6 +253,9 @@ class ProcessPoolExecutor(Executor):
         except SerializationError as exc:
             future.set_exception(exc.__cause__ or exc)     # as the stdlib does
             return future
+        except BaseException:
+            self._check_open()        # shut down meanwhile: say so
+            raise
         job = self._futures.add(future)
         try:
             self._supervisor.submit(job, 0, HEADER.pack(job, 0, TASK) + message, held)
@@ -289,6 +327,7 @@ class ProcessPoolExecutor(Executor):
         self._supervisor.close()
         if wait and threading.current_thread() is not self._supervisor.thread:
             self._supervisor.join()
+        self._closer.owner_finished()     # the store goes once the workers have
 
     # The standard library's attribute names, for code (CPython's own tests
     # among it) that reads them.
