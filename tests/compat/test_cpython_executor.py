@@ -1,0 +1,47 @@
+"""CPython's own ProcessPoolExecutor tests, run against shmpool's executor.
+
+The process-pool classes of ``Lib/test/test_concurrent_futures`` (this
+interpreter's own, or another CPython's: see ``_cpython_executor_harness``)
+run unedited, per start method, with shmpool's executor; classes are named
+``<CPython's generated name>_py<version>``, e.g.
+``ProcessPoolSpawnProcessPoolExecutorTest_py310::test_map``.
+``EXCLUDED_EXECUTOR.md`` lists the tests skipped, each with its reason.
+"""
+
+import pytest
+
+from _cpython_executor_harness import (
+    EXCLUSIONS,
+    IMPORT_ERRORS,
+    LOADED,
+    MISSING,
+    SOURCES,
+    TEST_CASES,
+)
+
+globals().update(TEST_CASES)
+
+
+@pytest.mark.parametrize("version", sorted(MISSING) or [None])
+def test_cpython_sources_found(version):
+    """A CPython copy of the tests that could not be found is a skip that
+    says which and why, never a silent gap."""
+    if version is not None:
+        pytest.skip(MISSING[version])
+    assert SOURCES and TEST_CASES
+
+
+def test_cpython_test_modules_import():
+    assert not IMPORT_ERRORS, f"CPython test modules that failed to import: {IMPORT_ERRORS}"
+
+
+def test_exclusions_name_real_tests():
+    """Every row of EXCLUDED_EXECUTOR.md names a test of a loaded source (a
+    typo would skip nothing); rows only a missing source has are not checked."""
+    def known(cls_name, test_name):
+        return any(hasattr(getattr(module, cls_name, None), test_name)
+                   for modules in LOADED.values() for module in modules)
+    unknown = sorted({key[:2] for key in EXCLUSIONS if not known(*key[:2])})
+    if unknown and MISSING:
+        pytest.skip(f"rows not checked, their source may be missing ({sorted(MISSING)}): {unknown}")
+    assert not unknown, f"EXCLUDED_EXECUTOR.md rows with no such test: {unknown}"
