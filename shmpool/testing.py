@@ -67,7 +67,8 @@ def check_invariants(store: ObjectStore | RawStore) -> None:
 
 
 def pool_store(pool) -> ObjectStore:
-    """The store a Pool moves its arguments and results through."""
+    """The store a Pool or ProcessPoolExecutor moves its arguments and
+    results through."""
     return pool._store
 
 
