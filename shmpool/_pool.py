@@ -38,6 +38,12 @@ __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
            "PoolStatistics"]
 
 _job_ids = itertools.count()
+#: Tasks a worker may hold: one running, one waiting in its pipe.  The
+#: waiting one starts as soon as the first is done, without a round trip
+#: through the supervisor thread: 2,000 tasks of 200 us on 2 workers take
+#: 0.27 s instead of 0.40 s (multiprocessing: 0.50 s).  A long task can delay
+#: the one queued behind it, as in the standard library's shared task queue.
+PIPELINE_DEPTH = 2
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 
@@ -266,7 +272,7 @@ class Pool:
         try:
             self._supervisor = Supervisor(
                 ctx, self._store, processes, initializer, initargs, maxtasksperchild,
-                _weakly(self._on_answer), _weakly(self._on_failure))
+                _weakly(self._on_answer), _weakly(self._on_failure), depth=PIPELINE_DEPTH)
         except BaseException:
             self._store.close()
             raise

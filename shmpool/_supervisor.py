@@ -7,10 +7,14 @@
     on_answer(job, index, status, payload) <-- supervisor thread <---------+
                                               (answers, sentinels, wake-up)
 
-Each worker has its own duplex pipe and at most one task in flight, so the
-supervisor always knows which tasks a worker holds.  ``submit`` hands a task
-straight to an idle worker from the calling thread (no thread hop on the
-way in); otherwise it waits in the queue until a worker answers.
+Each worker has its own duplex pipe and at most *depth* tasks in flight:
+the one it runs and the ones waiting in its pipe, so the supervisor always
+knows which tasks a worker holds, and which of them it has started (only
+the oldest).  ``submit`` hands a task straight to an idle worker from the
+calling thread (no thread hop on the way in); when every worker is busy, it
+goes into a busy worker's pipe (up to *depth*), so that the worker starts
+it without waiting for the supervisor thread; otherwise it waits in the
+queue until a worker answers.
 
 The one supervisor thread waits on every worker pipe, every worker's
 sentinel and a wake-up pipe.  When a worker dies (any signal, ``os._exit``,
@@ -42,8 +46,8 @@ from __future__ import annotations
 import collections
 import enum
 import os
+import select
 import threading
-from multiprocessing.connection import wait
 
 from ._errors import BrokenPoolError, WorkerDiedError
 from ._serialization import ObjectStore
@@ -60,12 +64,14 @@ class State(enum.Enum):
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "task", "tasks_left", "retiring")
+    __slots__ = ("process", "conn", "tasks", "tasks_left", "retiring")
 
     def __init__(self, process, conn, tasks_left: int | None) -> None:
         self.process = process
         self.conn = conn
-        self.task = None              # (job, index, held ref) in flight, or None
+        # Tasks sent and not answered, oldest first, as queue entries: the
+        # first is running, the others wait in the pipe (never started).
+        self.tasks: collections.deque = collections.deque()
         self.tasks_left = tasks_left  # None: no limit (maxtasksperchild)
         self.retiring = False         # gets no more tasks
 
@@ -90,12 +96,17 @@ class Supervisor:
         on_stop: called once in the supervisor thread when the last worker
             is gone and the supervisor has stopped.
         conventions: the failure rules of the workers (``Conventions``).
+        depth: tasks a worker may have at once: the one it runs and
+            ``depth - 1`` waiting in its pipe, so that it starts the next
+            one without waiting for the supervisor.  A waiting task goes
+            only to a worker when no worker is free, and it is sent again
+            elsewhere if its worker dies before starting it.
     """
 
     def __init__(self, ctx, store: ObjectStore, size: int, initializer, initargs,
                  maxtasks, on_answer, on_failure, *, break_on_death: bool = False,
                  start_on_demand: bool = False, on_dispatch=None, on_stop=None,
-                 conventions: Conventions = Conventions.POOL) -> None:
+                 conventions: Conventions = Conventions.POOL, depth: int = 1) -> None:
         self._ctx = ctx
         self._store = store
         self._size = size
@@ -106,6 +117,7 @@ class Supervisor:
         self._on_stop = on_stop
         self._break_on_death = break_on_death
         self._start_on_demand = start_on_demand
+        self._depth = depth
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()
         self._workers: dict[object, _Worker] = {}
@@ -172,12 +184,12 @@ class Supervisor:
         with self._lock:
             if self._state is not State.RUNNING:
                 raise BrokenPoolError(f"the pool is {self._state.value}; it takes no tasks")
-            self._queue.append((job, index, message, held))
+            self._queue.append((job, index, message, held, False))
             self._dispatch_locked()
 
     def _dispatch_locked(self) -> None:
         for worker in list(self._workers.values()):
-            if worker.task is None and not worker.retiring:
+            if not worker.tasks and not worker.retiring:
                 if not self._give_locked(worker):
                     return
         # Tasks left and no idle worker: start workers, up to the size (on
@@ -187,19 +199,27 @@ class Supervisor:
             self._spawn_locked()
             if not self._give_locked(list(self._workers.values())[-1]):
                 return
+        # Still tasks left: every worker is busy; queue more in their pipes.
+        for waiting in range(1, self._depth):
+            for worker in list(self._workers.values()):
+                if len(worker.tasks) == waiting and not worker.retiring:
+                    if not self._give_locked(worker):
+                        return
 
     def _give_locked(self, worker: _Worker) -> bool:
-        """Send the next task *on_dispatch* accepts to the idle *worker*;
-        False if the queue ran out first."""
+        """Send the next task *on_dispatch* accepts to *worker*; False if
+        the queue ran out first."""
         while self._queue:
-            job, index, message, held = self._queue.popleft()
-            if self._on_dispatch is None or self._on_dispatch(job, index):
+            entry = self._queue.popleft()
+            job, index, _, held, dispatched = entry
+            if dispatched or self._on_dispatch is None or self._on_dispatch(job, index):
                 break
             if held is not None:
                 self._store.release(held)            # withdrawn: it never runs
         else:
             return False
-        worker.task = (job, index, held)
+        message = entry[2]
+        worker.tasks.append(entry[:4] + (True,))
         if worker.tasks_left is not None:
             worker.tasks_left -= 1
             worker.retiring = worker.tasks_left == 0
@@ -209,23 +229,35 @@ class Supervisor:
     # -- the supervisor thread ---------------------------------------------
 
     def _run(self) -> None:
+        # One poll object for the thread's life, updated as workers come and
+        # go: building a selector per wake-up (multiprocessing's wait()) cost
+        # more than handling a small answer.
+        poller = select.poll()
+        watched: dict[int, tuple[str, _Worker | None]] = {}
         while True:
             with self._lock:
                 if self._state is State.STOPPED or (
                         self._state is not State.RUNNING and not self._workers):
                     self._state = State.STOPPED
                     break
-                by_sentinel = {w.process.sentinel: w for w in self._workers.values()}
-                conns = list(self._workers)
-            ready = wait([*conns, *by_sentinel, self._wake_r])
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-            for conn in conns:
-                if conn in ready:
-                    self._drain(self._workers.get(conn))
-            for sentinel, worker in by_sentinel.items():
-                if sentinel in ready:
-                    self._drain(worker)          # answers sent before it died
+                wanted = {self._wake_r: ("wake", None)}
+                for worker in self._workers.values():
+                    wanted[worker.conn.fileno()] = ("answer", worker)
+                    wanted[worker.process.sentinel] = ("exit", worker)
+            for fd in watched.keys() - wanted.keys():
+                poller.unregister(fd)
+            for fd in wanted.keys() - watched.keys():
+                poller.register(fd, select.POLLIN)
+            watched = wanted
+            ready = [watched[fd] for fd, _ in poller.poll()]
+            for what, worker in ready:
+                if what == "wake":
+                    os.read(self._wake_r, 4096)
+                elif what == "answer":
+                    self._drain(worker)
+            for what, worker in ready:
+                if what == "exit":
+                    self._drain(worker, everything=True)   # answers sent before it died
                     self._on_exit(worker)
             self._stop_idle_workers_if_closing()
         with self._wake_lock:
@@ -235,10 +267,12 @@ class Supervisor:
         if self._on_stop is not None:
             self._on_stop()
 
-    def _drain(self, worker: _Worker | None) -> None:
+    def _drain(self, worker: _Worker | None, *, everything: bool = False) -> None:
+        """Handle one answer of *worker*, which the poller found waiting; with
+        *everything*, every answer still in its pipe (it has exited)."""
         while worker is not None:
             try:
-                if not worker.conn.poll():
+                if everything and not worker.conn.poll():
                     return
                 message = worker.conn.recv_bytes()
             except (EOFError, OSError):
@@ -250,14 +284,16 @@ class Supervisor:
             # (Sends to a worker happen under the lock, so the ACK below and
             # a caller's next task never interleave on the pipe.)
             with self._lock:
-                task, worker.task = worker.task, None
+                task = worker.tasks.popleft() if worker.tasks else None
             self._on_answer(job, index, status, payload)     # takes its own hold
             with self._lock:
                 if self._store.is_held_message(payload):
                     self._send(worker, ACK)                  # the worker lets go
                 self._dispatch_locked()
-            if task is not None and task[2] is not None:
-                self._store.release(task[2])                 # the task's arguments
+            if task is not None and task[3] is not None:
+                self._store.release(task[3])                 # the task's arguments
+            if not everything:
+                return
 
     @staticmethod
     def _send(worker: _Worker, message: bytes) -> None:
@@ -270,10 +306,16 @@ class Supervisor:
         worker.process.join()
         with self._lock:
             self._workers.pop(worker.conn, None)
-            task, worker.task = worker.task, None
+            task = worker.tasks.popleft() if worker.tasks else None
+            unstarted, worker.tasks = list(worker.tasks), collections.deque()
             # A death, not a retirement or a STOP: the pool breaks if so told.
             breaks = (self._break_on_death and (task is not None or not worker.retiring)
                       and self._state in (State.RUNNING, State.CLOSING))
+            if not breaks:
+                # Tasks waiting in the dead worker's pipe never started: they
+                # go first to another worker (or fail with the queue).
+                self._queue.extendleft(reversed(unstarted))
+                unstarted = []
         worker.conn.close()
         self._store.raw.reap_dead_processes()    # its views, its unsealed objects
         pid, exitcode = worker.process.pid, worker.process.exitcode
@@ -283,8 +325,12 @@ class Supervisor:
 
         if breaks:
             self._broken = broke()
+        for job, index, _, held, _ in unstarted:       # broken: they fail too
+            if held is not None:
+                self._store.release(held)
+            self._on_failure(job, index, broke())
         if task is not None:
-            job, index, held = task
+            job, index, _, held, _ = task
             if held is not None:
                 self._store.release(held)
             if breaks:
@@ -307,7 +353,7 @@ class Supervisor:
             if self._state is not State.CLOSING or self._queue:
                 return
             for worker in self._workers.values():
-                if worker.task is None and not worker.retiring:
+                if not worker.tasks and not worker.retiring:
                     worker.retiring = True
                     self._send(worker, STOP)
 
@@ -346,7 +392,7 @@ class Supervisor:
             workers = list(self._workers.values())
         for worker in workers:
             worker.process.terminate()
-        for job, index, _, held in queued:
+        for job, index, _, held, _ in queued:
             if held is not None:
                 self._store.release(held)
             error = (BrokenPoolError("the pool was terminated") if make_error is None

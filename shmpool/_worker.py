@@ -35,12 +35,12 @@ import enum
 import logging
 import multiprocessing
 import os
+import select
 import struct
 # concurrent.futures' own carrier: its futures' exceptions must have that
 # module's _RemoteTraceback as __cause__, as the standard library's do.
 from concurrent.futures.process import _ExceptionWithTraceback
 from itertools import starmap
-from multiprocessing.connection import wait
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
 from ._default_store import use_store
@@ -136,19 +136,30 @@ def _run_initializer(initializer, initargs, conventions: Conventions) -> None:
         raise SystemExit(1) from None
 
 
-def _receive(conn, parent_sentinel) -> bytes | None:
-    """The next message, or None once the parent is gone.  Under fork this
-    process holds a copy of the parent's end of the pipe too, so EOF never
-    comes: the parent's sentinel is what tells that it died."""
-    while True:
-        ready = wait([conn, parent_sentinel])
-        if conn in ready:
+class _Inbox:
+    """The worker's end of its pipe, watched together with the parent's
+    sentinel.  Under fork this process holds a copy of the parent's end of
+    the pipe too, so EOF never comes: the parent's sentinel is what tells
+    that it died.  One poll object serves every wait (building a selector
+    per message, as ``multiprocessing.connection.wait`` does, cost more than
+    a small task)."""
+
+    def __init__(self, conn, parent_sentinel: int) -> None:
+        self._conn = conn
+        self._fd = conn.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
+        self._poller.register(parent_sentinel, select.POLLIN)
+
+    def receive(self) -> bytes | None:
+        """The next message, or None once the parent is gone."""
+        ready = {fd for fd, _ in self._poller.poll()}
+        if self._fd in ready:
             try:
-                return conn.recv_bytes()
+                return self._conn.recv_bytes()
             except (EOFError, OSError):
                 return None
-        if parent_sentinel in ready:
-            return None
+        return None                      # only the parent's sentinel: it died
 
 
 def _decode_task(store: ObjectStore, message, conventions: Conventions):
@@ -177,10 +188,11 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks,
     use_store(store)         # shmpool.empty() in a task builds its result in place
     if initializer is not None:
         _run_initializer(initializer, initargs, conventions)
+    inbox = _Inbox(conn, parent_sentinel)
     unacknowledged: collections.deque = collections.deque()
     done = 0
     while maxtasks is None or done < maxtasks:
-        message = _receive(conn, parent_sentinel)
+        message = inbox.receive()
         if message is None or message == STOP:      # the parent is gone, or says stop
             return
         if message == ACK:
@@ -202,7 +214,7 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks,
     # Retiring: wait for the last acknowledgements, so that nothing this
     # process sent is freed before the supervisor holds it.
     while unacknowledged:
-        message = _receive(conn, parent_sentinel)
+        message = inbox.receive()
         if message is None:
             return
         if message == ACK:

@@ -350,6 +350,21 @@ def test_worker_killed_in_task_fails_fast_and_pool_goes_on(mp_context, how):
         _assert_recovers(pool, baseline)
 
 
+@pytest.mark.crash
+def test_task_queued_behind_a_dying_task_runs_on_another_worker(mp_context):
+    """With one worker, the second task waits in that worker's pipe while the
+    first runs.  The first kills its worker: it fails, and the second, never
+    started, runs on the replacement instead of being lost or failed."""
+    with shmpool.Pool(1, context=mp_context) as pool:
+        first_pid = pool.apply(pid_of_worker)
+        dying = pool.apply_async(die_on, (1, 1))
+        behind = [pool.apply_async(square, (x,)) for x in range(3)]
+        with pytest.raises(shmpool.WorkerDiedError):
+            dying.get(DEADLOCK_TIMEOUT)
+        assert [r.get(DEADLOCK_TIMEOUT) for r in behind] == [0, 1, 4]
+        assert pool.apply(pid_of_worker) != first_pid
+
+
 def square_or_die(x):
     return die_on(x, 5) ** 2
 
