@@ -336,13 +336,20 @@ def test_a_shut_down_executor_never_writes_to_descriptors_reused_since(method):
             b.close()
 
 
-def test_map_timeout_raises_and_cancels_the_rest(gated):
-    executor, gate = gated
-    results = executor.map(behind_gate, range(5), timeout=0.2)
-    with pytest.raises(concurrent.futures.TimeoutError):
-        next(results)
-    gate.set()
-    assert executor.submit(square, 4).result(DEADLOCK_TIMEOUT) == 16
+def test_map_timeout_raises_and_cancels_the_calls_not_started(mp_context):
+    gate, started = mp_context.Event(), mp_context.SimpleQueue()
+    with shmpool.ProcessPoolExecutor(1, mp_context=mp_context, initializer=set_gate,
+                                     initargs=(gate, started)) as executor:
+        results = executor.map(behind_gate, range(5), timeout=0.2)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            next(results)
+        gate.set()
+        assert executor.submit(square, 4).result(DEADLOCK_TIMEOUT) == 16
+    ran = []
+    while not started.empty():          # every worker has exited: all is in
+        ran.append(started.get())
+    started.close()
+    assert ran == [0]                   # the first call was running; the rest never ran
 
 
 def test_bad_constructor_arguments():
