@@ -77,10 +77,11 @@ class Snapshot:
 
     shmpool_names: set
     dev_shm: set
+    children: set     # processes started before the run (a forkserver, ...)
 
     @classmethod
     def take(cls) -> "Snapshot":
-        return cls(testing.live_names(), set(_dev_shm()))
+        return cls(testing.live_names(), set(_dev_shm()), set(_children()))
 
 
 def _dev_shm() -> list[str]:
@@ -128,7 +129,8 @@ def _has_files(folder: str) -> bool:
 def leftovers(before: Snapshot) -> list[str]:
     """Processes and shared-memory names this run left behind."""
     found = []
-    children = sorted({c.pid for c in multiprocessing.active_children()} | set(_children()))
+    children = sorted(({c.pid for c in multiprocessing.active_children()} | set(_children()))
+                      - before.children)
     if children:
         found.append(f"child processes still alive: {children}")
     leaked = testing.leaked_names(since=before.shmpool_names, timeout=5.0)
