@@ -148,16 +148,19 @@ def test_results_identical_to_multiprocessing(pools, call):
 
 def test_callbacks_run_with_the_result_or_the_error(pools):
     _, pool = pools
-    got, errors, done = [], [], threading.Event()
-    pool.apply_async(square, (4,), callback=got.append)
-    r = pool.map_async(square, [1, 2], callback=got.append)
-    pool.apply_async(raise_value_error, (1,), error_callback=lambda e: (errors.append(e), done.set()))
-    r.wait(DEADLOCK_TIMEOUT)
-    assert done.wait(DEADLOCK_TIMEOUT)
-    for _ in range(100):             # the callback runs just before the result is ready
+    got, errors = [], []
+    both, failed = threading.Event(), threading.Event()
+
+    def on_result(value):
+        got.append(value)
         if len(got) == 2:
-            break
-        pool.apply(square, (0,))
+            both.set()
+
+    pool.apply_async(square, (4,), callback=on_result)
+    pool.map_async(square, [1, 2], callback=on_result)
+    pool.apply_async(raise_value_error, (1,), error_callback=lambda e: (errors.append(e),
+                                                                        failed.set()))
+    assert both.wait(DEADLOCK_TIMEOUT) and failed.wait(DEADLOCK_TIMEOUT)
     assert sorted(map(str, got)) == ["16", "[1, 4]"]
     assert isinstance(errors[0], ValueError)
 
