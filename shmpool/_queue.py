@@ -122,11 +122,13 @@ class _Sender:
         self._buffer: collections.deque = collections.deque()
         self._busy = False             # the feeder is writing a record it took
         self._closing = False
+        self.used = False              # this process has sent something
         self.thread: threading.Thread | None = None
 
     def send(self, message: bytes, held) -> None:
         """Send *message*; *held* (an owning ref or None) is kept until the
         record is in the pipe.  Never blocks on a full pipe."""
+        self.used = True
         with self._cond:
             if not self._buffer and not self._busy and self._pipe.writable():
                 try:
@@ -329,11 +331,15 @@ class Queue(_Channel):
 
     def close(self) -> None:
         """This process will put and get no more: buffered items are still
-        written (by the feeder), then its ends of the pipe close."""
+        written (by the feeder), then its writing end closes.  As in the
+        standard library, the reading end closes only if this process has
+        put something (``empty()`` then raises OSError); it closes anyway
+        when the queue is dropped."""
         if self._closed:
             return
         self._closed = True
-        self._pipe.close_reader()
+        if self._sender.used:
+            self._pipe.close_reader()
         self._close_sender()
 
     def join_thread(self) -> None:
