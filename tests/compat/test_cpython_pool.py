@@ -2,7 +2,7 @@
 
 The classes ``_TestPool``, ``_TestPoolWorkerErrors`` and
 ``_TestPoolWorkerLifetime`` come from the running interpreter's
-``Lib/test/_test_multiprocessing.py``, unedited; ``_cpython_pool_harness``
+``Lib/test/_test_multiprocessing.py``, unedited; ``_cpython_multiprocessing_harness``
 wires them to shmpool under each start method (see its docstring), and
 ``EXCLUDED.md`` lists the few tests skipped, each with its reason.
 
@@ -10,7 +10,7 @@ Collected by pytest as unittest TestCases, e.g.
 ``WithProcessesTestPool_spawn::test_imap``.
 """
 
-from _cpython_pool_harness import BASES, EXCLUSIONS, POOL_BASES, cases_of
+from _cpython_multiprocessing_harness import BASES, EXCLUSIONS, POOL_BASES, cases_of
 
 globals().update(cases_of(POOL_BASES))
 
