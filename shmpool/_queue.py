@@ -130,7 +130,9 @@ class _Sender:
         record is in the pipe.  Never blocks on a full pipe."""
         self.used = True
         with self._cond:
-            if not self._buffer and not self._busy and self._pipe.writable():
+            # A record naming a store object gets a count before the write;
+            # look for room first rather than add a count only to take it back.
+            if not self._buffer and not self._busy and (held is None or self._pipe.writable()):
                 try:
                     if self.write(message, held, 0):
                         return
@@ -152,14 +154,23 @@ class _Sender:
         try:
             written = self._pipe.write(record, timeout)
         except BaseException:
-            written = None
+            self._take_back(record, message)
+            self._release(held)
             raise
-        finally:
-            if not written and record is not message:
-                self._store.discard(record)       # the count nobody will adopt
-            if written is not False and held is not None:
-                self._store.release(held)
-        return written
+        if not written:
+            self._take_back(record, message)
+            return False
+        self._release(held)
+        return True
+
+    def _take_back(self, record: bytes, message: bytes) -> None:
+        """Drop the count ``hand_over`` added for a record never written."""
+        if record is not message:
+            self._store.discard(record)
+
+    def _release(self, held) -> None:
+        if held is not None:
+            self._store.release(held)
 
     def _feed(self) -> None:
         while True:
