@@ -98,3 +98,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             "the test session left these names behind (a leak, by shmpool or by a "
             "test's own multiprocessing objects): " + ", ".join(_names_left))
+
+
+# -- opt-in long runs --------------------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (long soaks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    deselected = [item for item in items if "slow" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if "slow" not in item.keywords]
