@@ -1,5 +1,11 @@
-"""``python -m shmpool`` runs the demo (see ``shmpool._demo``)."""
+"""``python -m shmpool`` runs the demo (see ``shmpool._demo``);
+``python -m shmpool doctor`` checks the machine (see ``shmpool._doctor``)."""
 
-from ._demo import main
+import sys
 
-main()
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["doctor"]:
+        from ._doctor import main as doctor
+        sys.exit(doctor(sys.argv[2:]))
+    from ._demo import main
+    main()
