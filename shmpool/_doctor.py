@@ -138,6 +138,31 @@ def _mem_available(meminfo: str = MEMINFO) -> int | None:
     return fields["MemAvailable"] * 1024 if "MemAvailable" in fields else None
 
 
+#: A cgroup v1 memory limit at or above this means "no limit" (the kernel
+#: reports a page-rounded 2**63 - 1).
+_NO_LIMIT = 1 << 60
+
+
+def cgroup_memory_headroom(cgroup_root: str = "/sys/fs/cgroup",
+                           self_cgroup: str = "/proc/self/cgroup") -> tuple[int, str] | None:
+    """Bytes this process's memory cgroup may still use, and the file that
+    says so; None without a limit.  Shared-memory pages count against it:
+    a store larger than the headroom gets the container OOM-killed."""
+    v2_path = next((line[3:].strip() for line in (_read(self_cgroup) or "").splitlines()
+                    if line.startswith("0::")), "/")
+    for folder in dict.fromkeys([os.path.join(cgroup_root, v2_path.lstrip("/")), cgroup_root]):
+        limit = (_read(os.path.join(folder, "memory.max")) or "").strip()
+        if limit.isdigit():
+            used = (_read(os.path.join(folder, "memory.current")) or "0").strip()
+            return int(limit) - int(used or 0), os.path.join(folder, "memory.max")
+    v1 = os.path.join(cgroup_root, "memory")
+    limit = (_read(os.path.join(v1, "memory.limit_in_bytes")) or "").strip()
+    if limit.isdigit() and int(limit) < _NO_LIMIT:
+        used = (_read(os.path.join(v1, "memory.usage_in_bytes")) or "0").strip()
+        return int(limit) - int(used or 0), os.path.join(v1, "memory.limit_in_bytes")
+    return None
+
+
 def _meminfo(path: str = MEMINFO) -> dict[str, int]:
     found = {}
     for line in (_read(path) or "").splitlines():
@@ -150,8 +175,10 @@ def _meminfo(path: str = MEMINFO) -> dict[str, int]:
 
 # -- the checks ------------------------------------------------------------------
 
-def shm_space(capacity: int, shm_dir: str = _posix.SHM_DIR, root: str = "/") -> Check:
-    """Size and free space of ``/dev/shm`` against *capacity*."""
+def shm_space(capacity: int, shm_dir: str = _posix.SHM_DIR, root: str = "/",
+              cgroup_root: str = "/sys/fs/cgroup") -> Check:
+    """Size and free space of ``/dev/shm`` against *capacity*, and the
+    memory that would back it."""
     name = shm_dir
     try:
         st = os.statvfs(shm_dir)
@@ -167,6 +194,13 @@ def shm_space(capacity: int, shm_dir: str = _posix.SHM_DIR, root: str = "/") -> 
     if total == DOCKER_DEFAULT_SHM:
         detail += " (64 MB: Docker's default for a container, moby#2606)"
     if free >= capacity and free >= COMMIT_CHUNK:
+        headroom = cgroup_memory_headroom(cgroup_root, os.path.join(root, "proc/self/cgroup"))
+        if headroom is not None and capacity > headroom[0]:
+            return Check(name, WARN, f"{detail}: a {human(capacity)} store fits, but this "
+                         f"process's memory limit ({headroom[1]}) leaves {human(headroom[0])}, "
+                         f"and shared memory counts against it (beyond it: the OOM killer)",
+                         "raise the container's memory limit (docker run --memory=...) or "
+                         "pass a smaller capacity=")
         available = _mem_available()
         if available is not None and capacity > available:
             return Check(name, WARN, f"{detail}: a {human(capacity)} store fits, but only "

@@ -48,6 +48,30 @@ def test_missing_dev_shm_fails(tmp_path):
     assert check.status == FAIL and "mount -t tmpfs" in check.fix
 
 
+@pytest.mark.parametrize("files, headroom", [
+    ({}, None),
+    ({"memory.max": "max\n", "memory.current": "100\n"}, None),
+    ({"memory.max": "1000\n", "memory.current": "100\n"}, 900),
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),
+    ({"memory/memory.limit_in_bytes": "5000\n", "memory/memory.usage_in_bytes": "1000\n"},
+     4000),
+])
+def test_cgroup_memory_headroom(tmp_path, files, headroom):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = _doctor.cgroup_memory_headroom(str(tmp_path), str(tmp_path / "no-such-file"))
+    assert (found and found[0]) == headroom
+
+
+def test_a_store_beyond_the_memory_limit_warns(tmp_path):
+    (tmp_path / "memory.max").write_text(f"{8 << 20}\n")
+    (tmp_path / "memory.current").write_text("0\n")
+    check = _doctor.shm_space(16 << 20, cgroup_root=str(tmp_path))
+    assert check.status == WARN and "memory limit" in check.detail
+    assert "--memory" in check.fix
+
+
 def test_container_is_recognised(tmp_path):
     assert _doctor.in_container(str(tmp_path)) is None
     (tmp_path / ".dockerenv").touch()
