@@ -7,7 +7,7 @@ systemd-logind deleting a user's POSIX names when the last session ends
 cannot start a process.  Each check reads the machine and prints one line::
 
     ok    /dev/shm        tmpfs of 23.5 GiB, 23.4 GiB free: a 256 MiB store fits
-    FAIL  /dev/shm        tmpfs of 16.0 MiB, ...  fix: docker run --shm-size=512m ...
+    FAIL  /dev/shm        tmpfs of 16 MiB, 16 MiB free: ...  fix: ... docker run --shm-size=256m ...
 
 The exit status is 0 when a default Pool can run (no ``FAIL`` line), 1
 otherwise.  The doctor only reads: it never removes a name, and it creates
@@ -42,7 +42,8 @@ DEFAULT_CAPACITY = 256 * MIB
 #: Docker's default size of a container's ``/dev/shm``.
 DOCKER_DEFAULT_SHM = 64 * MIB
 #: Seconds a trivial child may take to start and exit before its start
-#: method counts as not working (spawn imports numpy and pyarrow).
+#: method counts as not working (a spawned child imports shmpool, numpy
+#: included, before it runs anything).
 START_TIMEOUT = 20.0
 #: Where systemd-logind reads its configuration, later files overriding
 #: earlier ones (logind.conf(5)); drop-ins are read in file-name order.
@@ -83,9 +84,10 @@ def parse_size(text: str) -> int:
 
 
 def human(nbytes: float) -> str:
+    """``256 MiB``, ``23.4 GiB``: one decimal unless the number is whole."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(nbytes) < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+            return f"{nbytes:.0f} {unit}" if nbytes == int(nbytes) else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     raise AssertionError("unreachable")
 

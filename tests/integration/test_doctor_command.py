@@ -49,7 +49,7 @@ def test_a_16_mb_dev_shm_fails_with_the_shm_size_hint():
                           text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("FAIL  /dev/shm")]
-    assert "tmpfs of 16.0 MiB" in line and "--shm-size=256m" in line
+    assert "tmpfs of 16 MiB" in line and "--shm-size=256m" in line
 
 
 def _quote(word: str) -> str:

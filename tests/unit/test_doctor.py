@@ -124,7 +124,7 @@ def test_hugetlb_pages_are_read(tmp_path):
     path = tmp_path / "meminfo"
     path.write_text("MemTotal: 100 kB\nHugePages_Total:      8\nHugePages_Free:       6\n"
                     "Hugepagesize:       2048 kB\n")
-    assert "8 pages of 2.0 MiB reserved, 6 free" in _doctor.hugetlb_pages(str(path)).detail
+    assert "8 pages of 2 MiB reserved, 6 free" in _doctor.hugetlb_pages(str(path)).detail
 
 
 def test_report_exit_status_follows_fail_lines():
