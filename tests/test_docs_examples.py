@@ -12,7 +12,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def run_example(monkeypatch):
-    pytest.importorskip("sphinx")
     monkeypatch.syspath_prepend(str(ROOT / "docs" / "_ext"))
     import run_examples
     return lambda code: run_examples.run_example(code, str(ROOT))

@@ -21,12 +21,11 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-from docutils import nodes
-from sphinx.application import Sphinx
-from sphinx.util import logging
-
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:                    # run_example() itself needs no Sphinx (its tests)
+    from docutils import nodes
+    from sphinx.application import Sphinx
 
 #: Seconds one example may take; reaching it means it hangs.
 EXAMPLE_TIMEOUT = 120
@@ -60,6 +59,10 @@ def run_example(code: str, root: str, timeout: float = EXAMPLE_TIMEOUT) -> str |
 
 
 def _run_examples(app: Sphinx, doctree: nodes.document) -> None:
+    from docutils import nodes
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
     root = str(pathlib.Path(app.confdir).parent)
     for block in doctree.findall(nodes.literal_block):
         if block.get("language") not in ("python", "py") or "no-run" in block["classes"]:
