@@ -130,3 +130,11 @@ def test_a_name_left_by_a_dead_owner_is_reported_on_the_real_dev_shm():
         pytest.skip("every name made for the test was swept by another process at once")
     assert check.status == _doctor.WARN
     assert name in check.detail and "is gone" in check.detail
+
+
+def test_the_demos_help_names_the_doctor():
+    done = subprocess.run([sys.executable, "-m", "shmpool", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.startswith("python -m shmpool doctor")
+    assert "usage: python -m shmpool [-h]" in done.stdout
