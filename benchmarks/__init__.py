@@ -17,8 +17,13 @@ Modules, one job each:
 - ``system``: the machine, versions, load, the parent's memory, leftovers;
 - ``report``: the markdown table, the JSON file and the chart;
 - ``progress``: a progress bar on stderr;
-- ``__main__``: the command line.
+- ``suite``: one run: start the peers, measure each figure, stop them;
+- ``__main__``: the command line;
+- ``area``: the command line of the per-area scripts, ``bench_pool.py``,
+  ``bench_executor.py`` and ``bench_queue.py``: a few of the suite's
+  figures on a few of its peers, measured and reported by the code above.
 
-The single-purpose scripts beside them (``bench_pool.py``, ``bench_queue.py``,
-``bench_store.py``, ``bench_threshold.py``) still run on their own.
+``bench_store.py`` and ``bench_threshold.py`` measure single layers (the
+store's put/get, where a message should go through the store) with the
+same measuring rules.
 """

@@ -21,12 +21,13 @@ e. Across processes: a forked child that was given the store as a Process
    (``put`` and ``release`` included), and the parent keeps its ref until
    the child has answered.
 
-How: every case is called once to warm up; then the number of calls per
-sample is doubled until a sample lasts at least MIN_SAMPLE_SECONDS (as
-``timeit.autorange`` does), so that tiny sizes are not timer noise.  The
-cases of one size are sampled in turn, repeat after repeat, so that a noisy
-moment of the machine hits them alike.  Reported: the median time per call
-over the repeats, with the min-max range.
+How: the number of calls per sample of each case is doubled until a sample
+lasts at least MIN_SAMPLE_SECONDS (as ``timeit.autorange`` does), so that
+tiny sizes are not timer noise.  Then the suite's measuring rules
+(``benchmarks.measure``): one warm-up sample, then the repeats, the cases of
+one size taking turns in rotating order, so that a noisy moment of the
+machine hits them alike.  Reported: the median time per call over the
+repeats, with the min-max range.  ``--json`` writes seconds.
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ import math
 import multiprocessing
 import os
 import pickle
-import statistics
+import sys
 import time
 
 import numpy as np
 
-from shmpool import ObjectRef, ObjectStore, testing
+from shmpool import ObjectRef, ObjectStore
 from shmpool._allocator import FreeListAllocator
 from shmpool._arena import Arena
+
+if not __package__:             # run as a file: python benchmarks/bench_store.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.measure import repeat_in_turns  # noqa: E402
+from benchmarks.report import scaled_range, size_label  # noqa: E402
+from benchmarks.system import own_names  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [KIB, 64 * KIB, MIB, 8 * MIB, 64 * MIB, 256 * MIB]
@@ -76,20 +84,12 @@ def _calls_per_sample(fn) -> int:
     return number
 
 
-def measure(cases: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each case in *cases*, one value per repeat."""
+def measure(cases: dict, repeats: int) -> dict[str, dict]:
+    """Seconds per call of each case in *cases*: ``{name: summary}``."""
     numbers = {name: _calls_per_sample(fn) for name, fn in cases.items()}
-    samples = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            samples[name].append(_time_calls(fn, numbers[name]) / numbers[name])
-    return samples
-
-
-def summary(seconds: list[float]) -> dict[str, float]:
-    """Median, min and max of *seconds*, in milliseconds."""
-    ms = [s * 1e3 for s in seconds]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+    runs = {name: (lambda fn=fn, n=numbers[name]: {"seconds": _time_calls(fn, n) / n})
+            for name, fn in cases.items()}
+    return {name: m["seconds"] for name, m in repeat_in_turns(runs, repeats).items()}
 
 
 # -- a, b, c: one size -----------------------------------------------------
@@ -114,11 +114,11 @@ def bench_size(store: ObjectStore, nbytes: int, repeats: int) -> dict:
         "pickle": lambda: pickle.loads(pickle.dumps(arr, protocol=5)),
         "memcpy": lambda: np.copyto(dst, arr),
     }
-    results = {name: summary(s) for name, s in measure(cases, repeats).items()}
+    results = measure(cases, repeats)
     live = store.statistics().live_objects
     if live:
         raise RuntimeError(f"{live} objects still live after the {nbytes}-byte round trips")
-    shm, pkl, mem = (results[k]["median_ms"] for k in ("shmpool", "pickle", "memcpy"))
+    shm, pkl, mem = (results[k]["median"] for k in ("shmpool", "pickle", "memcpy"))
     return {"nbytes": nbytes, **results,
             "shmpool_over_memcpy": shm / mem, "pickle_over_shmpool": pkl / shm}
 
@@ -134,13 +134,12 @@ def bench_allocator(repeats: int) -> dict:
             for _ in range(ALLOC_PAIRS):
                 alloc.free(alloc.try_allocate(ALLOC_PAYLOAD))
 
-        pairs()                                           # warm-up
-        rates = [ALLOC_PAIRS / _time_calls(pairs, 1) for _ in range(repeats)]
+        found = repeat_in_turns({"allocator": lambda: {"pairs_per_s": ALLOC_PAIRS / _time_calls(
+            pairs, 1)}}, repeats)
     finally:
         arena.close()
     return {"pairs": ALLOC_PAIRS, "payload_bytes": ALLOC_PAYLOAD,
-            "median_pairs_per_s": statistics.median(rates),
-            "min_pairs_per_s": min(rates), "max_pairs_per_s": max(rates)}
+            "pairs_per_s": found["allocator"]["pairs_per_s"]}
 
 
 # -- e: across processes ---------------------------------------------------
@@ -179,22 +178,18 @@ def bench_cross_process(store: ObjectStore, repeats: int) -> dict:
         for fn in cases.values():
             if not math.isclose(fn(), expected, rel_tol=1e-12):
                 raise RuntimeError("the child answered a wrong sum")
-        results = {name: summary(s) for name, s in measure(cases, repeats).items()}
+        results = measure(cases, repeats)
     finally:
         parent_conn.send(None)
         child.join()
     return {"nbytes": CROSS_PROCESS_SIZE, **results,
-            "pipe_over_shmpool": results["pipe"]["median_ms"] / results["shmpool"]["median_ms"]}
+            "pipe_over_shmpool": results["pipe"]["median"] / results["shmpool"]["median"]}
 
 
 # -- report ----------------------------------------------------------------
 
-def size_label(nbytes: int) -> str:
-    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // KIB} KiB"
-
-
 def time_cell(r: dict) -> str:
-    return f"{r['median_ms']:.4g} ({r['min_ms']:.3g}–{r['max_ms']:.3g})"
+    return scaled_range(r, 1e3)                 # milliseconds
 
 
 def print_table(rows: list[dict]) -> None:
@@ -210,10 +205,10 @@ def print_table(rows: list[dict]) -> None:
 def print_report(rows: list[dict], alloc: dict, cross: dict, repeats: int) -> None:
     print(f"Times: median (min–max) of {repeats} repeats, per call.\n")
     print_table(rows)
-    print(f"\nallocator: {alloc['median_pairs_per_s']:,.0f} allocate/free pairs/s "
-          f"(median of {repeats}; {alloc['min_pairs_per_s']:,.0f}–"
-          f"{alloc['max_pairs_per_s']:,.0f}; {alloc['pairs']} pairs of "
-          f"{alloc['payload_bytes']}-byte payloads)")
+    rate = alloc["pairs_per_s"]
+    print(f"\nallocator: {rate['median']:,.0f} allocate/free pairs/s "
+          f"(median of {repeats}; {rate['min']:,.0f}–{rate['max']:,.0f}; "
+          f"{alloc['pairs']} pairs of {alloc['payload_bytes']}-byte payloads)")
     label = size_label(cross["nbytes"])
     print(f"cross-process, {label}: child get + sum {time_cell(cross['shmpool'])} ms, "
           f"Pipe send/recv + sum {time_cell(cross['pipe'])} ms, "
@@ -221,11 +216,6 @@ def print_report(rows: list[dict], alloc: dict, cross: dict, repeats: int) -> No
     target = next(r for r in rows if r["nbytes"] == TARGET_SIZE)
     print(f"{size_label(TARGET_SIZE)} put+get / memcpy = "
           f"{target['shmpool_over_memcpy']:.2f} (target <= {TARGET_RATIO})")
-
-
-def own_names_in_dev_shm() -> set[str]:
-    """Names this process created that are still in /dev/shm."""
-    return {n for n in testing.live_names() if f"/shmp_{os.getpid()}_" in n}
 
 
 def main() -> None:
@@ -243,7 +233,7 @@ def main() -> None:
     alloc = bench_allocator(repeats)
     print_report(rows, alloc, cross, repeats)
 
-    leftovers = own_names_in_dev_shm()
+    leftovers = own_names()
     if leftovers:
         print(f"LEAK: left in /dev/shm: {sorted(leftovers)}")
     if args.json:

@@ -9,9 +9,10 @@ array of random data, then drops the result, on two stores:
 
 Both run in one process with no pipe in between, so the in-band path is
 spared the pipe's write and read: the crossover found here is an upper
-bound on the threshold worth using.  Each path is warmed up once; then the
-two are timed call by call, alternately, and the median per size is
-reported with the min-max range.  The library's default is
+bound on the threshold worth using.  The suite's measuring rules
+(``benchmarks.measure``): each path is warmed up once, then the two are
+timed call by call, taking turns, and the median per size is reported with
+the min-max range.  The library's default is
 ``shmpool._serialization.DEFAULT_THRESHOLD``.
 """
 
@@ -19,13 +20,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
 
 import numpy as np
 
-from shmpool import ObjectStore, testing
+from shmpool import ObjectStore
 from shmpool._serialization import DEFAULT_THRESHOLD
+
+if not __package__:             # run as a file: python benchmarks/bench_threshold.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.measure import repeat_in_turns  # noqa: E402
+from benchmarks.report import scaled_range, size_label  # noqa: E402
+from benchmarks.system import own_names  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, MIB, 4 * MIB]
@@ -50,36 +58,25 @@ def time_round_trip(store: ObjectStore, arr: np.ndarray) -> float:
 def bench_size(via_store: ObjectStore, in_band: ObjectStore, nbytes: int,
                repeats: int) -> dict:
     arr = np.random.default_rng(nbytes).random(nbytes // 8)
-    stores = {"store": via_store, "inband": in_band}
-    samples = {name: [] for name in stores}
-    for store in stores.values():
-        time_round_trip(store, arr)                       # warm-up
-    for _ in range(repeats):
-        for name, store in stores.items():
-            samples[name].append(time_round_trip(store, arr))
-    row = {"nbytes": nbytes, "repeats": repeats}
-    for name, seconds in samples.items():
-        us = [s * 1e6 for s in seconds]
-        row[name] = {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us)}
-    return row
+    runs = {name: (lambda store=store: {"seconds": time_round_trip(store, arr)})
+            for name, store in (("store", via_store), ("inband", in_band))}
+    found = repeat_in_turns(runs, repeats)
+    return {"nbytes": nbytes, "repeats": repeats,
+            **{name: m["seconds"] for name, m in found.items()}}
 
 
 def crossover(rows: list[dict]) -> int | None:
     """Smallest size from which the store path is faster at every larger size."""
     found = None
     for row in reversed(rows):
-        if row["store"]["median_us"] >= row["inband"]["median_us"]:
+        if row["store"]["median"] >= row["inband"]["median"]:
             break
         found = row["nbytes"]
     return found
 
 
-def size_label(nbytes: int) -> str:
-    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // KIB} KiB"
-
-
 def time_cell(r: dict) -> str:
-    return f"{r['median_us']:.4g} ({r['min_us']:.3g}–{r['max_us']:.3g})"
+    return scaled_range(r, 1e6)                 # microseconds
 
 
 def print_report(rows: list[dict]) -> None:
@@ -88,7 +85,7 @@ def print_report(rows: list[dict]) -> None:
           "| in-band/store | faster |")
     print("|---:|---:|---:|---:|---:|:---|")
     for r in rows:
-        ratio = r["inband"]["median_us"] / r["store"]["median_us"]
+        ratio = r["inband"]["median"] / r["store"]["median"]
         faster = "store" if ratio > 1 else "in-band"
         print(f"| {size_label(r['nbytes'])} | {r['repeats']} | {time_cell(r['store'])} "
               f"| {time_cell(r['inband'])} | {ratio:.2f} | {faster} |")
@@ -96,11 +93,6 @@ def print_report(rows: list[dict]) -> None:
     where = size_label(size) if size else "none of the sizes measured"
     print(f"\nstore path faster from: {where} "
           f"(library default threshold: {size_label(DEFAULT_THRESHOLD)})")
-
-
-def own_names_in_dev_shm() -> set[str]:
-    """Names this process created that are still in /dev/shm."""
-    return {n for n in testing.live_names() if f"/shmp_{os.getpid()}_" in n}
 
 
 def main() -> None:
@@ -112,7 +104,7 @@ def main() -> None:
         rows = [bench_size(via_store, in_band, n, repeats_for(n, args.quick))
                 for n in SIZES]
     print_report(rows)
-    leftovers = own_names_in_dev_shm()
+    leftovers = own_names()
     if leftovers:
         print(f"LEAK: left in /dev/shm: {sorted(leftovers)}")
 

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .measure import in_turns
+from .measure import repeat_in_turns
 from .workloads import MIB
 
 COPY_BYTES = 64 * MIB
@@ -99,13 +99,10 @@ def measure(w1_sizes: list[tuple[int, int]], repeats: int, on_step) -> dict:
         for count, nbytes in w1_sizes:
             cases[f"work {count}x{nbytes // MIB}MiB"] = (
                 lambda fn=w1_work(count, nbytes): _timed(fn))
-        errors: dict[str, str] = {}
-        found = in_turns(cases, repeats, lambda name, n: on_step(f"limits · {name}", n),
-                         errors)
+        found = repeat_in_turns(cases, repeats, lambda name, n: on_step(f"limits · {name}", n),
+                                "measuring the machine's limits")
     finally:
         partner.close()
-    if errors:
-        raise RuntimeError(f"measuring the machine's limits failed: {errors}")
     memcpy = found["memcpy"]["seconds"]["median"]
     fresh = found["fresh shared copy"]["seconds"]["median"]
     return {

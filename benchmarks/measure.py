@@ -69,6 +69,18 @@ def in_turns(runs: dict[str, Callable[[], dict]], repeats: int,
             for name, got in samples.items() if got}
 
 
+def repeat_in_turns(runs: dict[str, Callable[[], dict]], repeats: int,
+                    on_step: Callable[[str, int], None] = lambda name, n: None,
+                    what: str = "measuring") -> dict[str, dict]:
+    """:func:`in_turns` where every run must succeed: the first failure
+    raises RuntimeError naming it."""
+    errors: dict[str, str] = {}
+    found = in_turns(runs, repeats, on_step, errors)
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors}")
+    return found
+
+
 @contextlib.contextmanager
 def _guarded(session, name: str, errors: dict[str, str]):
     """Enter *session*; an error on the way out is recorded, not raised."""

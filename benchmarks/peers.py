@@ -15,8 +15,8 @@ A *queue peer* makes queues and starts the processes that use them
 (``queue()``, ``spawn(target, *args)``, ``join(handle)``).  ``available()``
 says why a peer cannot run (a library not installed), or None.
 
-Peers are listed in ``POOL_PEERS`` and ``QUEUE_PEERS``, shmpool's first; the
-first peer of each kind whose key is in ``REFERENCE`` is what ratios are
+Peers are listed in ``POOL_PEERS`` and ``QUEUE_PEERS``, shmpool's first
+(``EXTRA_PEERS`` run only when named); the first peer of each kind whose key is in ``REFERENCE`` is what ratios are
 taken against.
 """
 
@@ -331,6 +331,7 @@ class _ForkQueues(Peer):
     kind = "queue"
     ops = frozenset({"queue"})
     note = "fork"
+    queue_class = "Queue"          #: the class of the context: Queue or SimpleQueue
 
     def start(self) -> None:
         self.ctx = multiprocessing.get_context("fork")
@@ -345,7 +346,8 @@ class _ForkQueues(Peer):
 
     def close(self, q) -> None:
         q.close()
-        q.join_thread()
+        if hasattr(q, "join_thread"):  # a SimpleQueue has no feeder thread
+            q.join_thread()
 
     def stop(self) -> None:
         pass
@@ -356,14 +358,22 @@ class ShmpoolQueue(_ForkQueues):
 
     def queue(self):
         import shmpool
-        return shmpool.get_context("fork").Queue()
+        return getattr(shmpool.get_context("fork"), self.queue_class)()
 
 
 class MultiprocessingQueue(_ForkQueues):
     key, label, family = "mp-queue", "multiprocessing.Queue", "multiprocessing"
 
     def queue(self):
-        return self.ctx.Queue()
+        return getattr(self.ctx, self.queue_class)()
+
+
+class ShmpoolSimpleQueue(ShmpoolQueue):
+    key, label, queue_class = "shmpool-simplequeue", "shmpool.SimpleQueue", "SimpleQueue"
+
+
+class MultiprocessingSimpleQueue(MultiprocessingQueue):
+    key, label, queue_class = "mp-simplequeue", "multiprocessing.SimpleQueue", "SimpleQueue"
 
 
 class RayQueue(Peer):
@@ -399,5 +409,8 @@ class RayQueue(Peer):
 POOL_PEERS = (ShmpoolPool, ShmpoolExecutor, MultiprocessingFork, MultiprocessingSpawn,
               StdlibExecutor, Joblib, RayPool, RayTasks)
 QUEUE_PEERS = (ShmpoolQueue, MultiprocessingQueue, RayQueue)
-ALL_PEERS = POOL_PEERS + QUEUE_PEERS
+DEFAULT_PEERS = POOL_PEERS + QUEUE_PEERS           #: what a run measures without --peers
+#: Only when asked for (``bench_queue.py`` compares them).
+EXTRA_PEERS = (ShmpoolSimpleQueue, MultiprocessingSimpleQueue)
+ALL_PEERS = DEFAULT_PEERS + EXTRA_PEERS
 REFERENCE = {"pool": "mp-fork", "queue": "mp-queue"}    #: ratios are "× faster than" these

@@ -1,6 +1,6 @@
 """The run's numbers as a markdown table, a JSON file and a chart.
 
-Everything here reads the results dictionary that ``__main__`` assembles
+Everything here reads the results dictionary that ``suite.run`` assembles
 (and writes as ``results.json``), so a report can be redrawn from a saved
 file: ``python -m benchmarks --redraw benchmarks/results/results.json``.
 """
@@ -17,7 +17,8 @@ GB = 1e9
 COLOURS = {"shmpool": "#e8590c", "shmpool-executor": "#f59f00", "shmpool-queue": "#e8590c",
            "mp-fork": "#364fc7", "mp-spawn": "#74c0fc", "cf-executor": "#1098ad",
            "mp-queue": "#364fc7", "joblib": "#37b24d", "ray-pool": "#ae3ec9",
-           "ray-tasks": "#e599f7", "ray-queue": "#ae3ec9"}
+           "ray-tasks": "#e599f7", "ray-queue": "#ae3ec9",
+           "shmpool-simplequeue": "#f59f00", "mp-simplequeue": "#74c0fc"}
 
 
 # -- cells -------------------------------------------------------------------
@@ -44,6 +45,16 @@ def unit(fig: dict) -> str:
 def _range(fig: dict, s: dict) -> str:
     return (f"{seconds(_per_run(fig, s['median']))} "
             f"({seconds(_per_run(fig, s['min']))}–{seconds(_per_run(fig, s['max']))})")
+
+
+def size_label(nbytes: int) -> str:
+    """``1 MiB``, ``64 KiB``: a payload size as the tables name it."""
+    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // 1024} KiB"
+
+
+def scaled_range(s: dict, scale: float) -> str:
+    """A summary's ``median (min–max)``, times *scale* (1e3: ms, 1e6: µs)."""
+    return f"{s['median'] * scale:.4g} ({s['min'] * scale:.3g}–{s['max'] * scale:.3g})"
 
 
 def _mib_range(s: dict) -> str:

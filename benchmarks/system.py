@@ -119,6 +119,11 @@ def _is_resource_tracker(pid: str) -> bool:
         return False
 
 
+def own_names() -> set[str]:
+    """shmpool names this process created that are still in /dev/shm."""
+    return {n for n in testing.live_names() if f"/shmp_{os.getpid()}_" in n}
+
+
 def _has_files(folder: str) -> bool:
     try:
         return bool(os.listdir(folder))

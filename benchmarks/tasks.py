@@ -1,15 +1,35 @@
-"""The functions workers run.  They are module level, so that spawn, loky
-and Ray pickle them by reference.  The suite's workloads are those of
-``bench_pool.py`` and ``bench_queue.py``, so their task functions are the same
-ones."""
+"""The functions workers run, for the suite and for every per-area script.
+They are module level, so that spawn, loky and Ray pickle them by reference."""
 
 from __future__ import annotations
 
-from .bench_pool import add_one, ends_sum, inc, make_array, noop
-from .bench_queue import echo, produce
+import numpy as np
 
 __all__ = ["add_one", "call", "echo", "ends_sum", "inc", "make_array", "map_chunk",
            "noop", "produce"]
+
+
+def noop(x=None):
+    return x
+
+
+def make_array(spec):
+    """A fresh float32 array of *nbytes*, every element written as *value*
+    (``np.full``, not zeros: untouched zero pages would flatter every copy)."""
+    value, nbytes = spec
+    return np.full(nbytes // 4, value, dtype=np.float32)
+
+
+def ends_sum(arr) -> float:
+    return float(arr[0] + arr[-1])
+
+
+def add_one(arr):
+    return arr + 1
+
+
+def inc(x: int) -> int:
+    return x + 1
 
 
 def call(fn, *args):
@@ -20,3 +40,17 @@ def call(fn, *args):
 def map_chunk(fn, chunk: list) -> list:
     """``[fn(x) for x in chunk]``: one Ray task per chunk of a map."""
     return [fn(x) for x in chunk]
+
+
+def produce(items, go, count: int, nbytes: int) -> None:
+    """Queue child: on each "go", put *count* int64 arrays of *nbytes*, the
+    i-th filled with i; None on *go* ends it."""
+    while go.get() is not None:
+        for i in range(count):
+            items.put(np.full(nbytes // 8, i, dtype=np.int64))
+
+
+def echo(requests, answers) -> None:
+    """Queue child: put back every request until a None."""
+    while (x := requests.get()) is not None:
+        answers.put(x)

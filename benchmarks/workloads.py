@@ -168,18 +168,22 @@ def _total(n: int) -> int:
     return n * (n + 1) // 2          # sum of inc(i) for i in range(n)
 
 
-def small_map(n: int) -> Figure:
+def small_map(n: int, chunksize: int | None = None) -> Figure:
+    """*chunksize* None: the one ``multiprocessing.Pool.map`` picks."""
     def make_run(peer):
         def run() -> dict:
             begin = time.perf_counter()
-            out = peer.map(tasks.inc, range(n), pool_chunksize(n, peer.workers))
+            out = peer.map(tasks.inc, range(n), chunksize or pool_chunksize(n, peer.workers))
             elapsed = time.perf_counter() - begin
             check(len(out) == n and out[0] == 1 and sum(out) == _total(n),
                   f"{peer.key}: wrong map")
             return {"seconds": elapsed}
         return run
 
-    return Figure(f"W3 map {n}", "W3", f"map over {n:,} ints", "map", _session(make_run))
+    if chunksize is None:
+        return Figure(f"W3 map {n}", "W3", f"map over {n:,} ints", "map", _session(make_run))
+    return Figure(f"W3 map {n} chunksize {chunksize}", "W3",
+                  f"map over {n:,} ints, chunksize {chunksize}", "map", _session(make_run))
 
 
 def small_async(n: int) -> Figure:

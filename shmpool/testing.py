@@ -9,10 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import _default_store, _posix, _tracker
 from ._serialization import ObjectStore
-from ._store import RawStore
+from ._store import RawStore, StoreStatistics
+
+if TYPE_CHECKING:
+    from ._executor import ProcessPoolExecutor
+    from ._pool import Pool
+    from ._queue import Queue, SimpleQueue
 
 __all__ = [
     "live_names",
@@ -66,18 +72,20 @@ def check_invariants(store: ObjectStore | RawStore) -> None:
     raw_store(store)._check_invariants()
 
 
-def pool_store(pool) -> ObjectStore:
+def pool_store(pool: Pool | ProcessPoolExecutor) -> ObjectStore:
     """The store a Pool or ProcessPoolExecutor moves its arguments and
     results through."""
-    return pool._store
+    store: ObjectStore = pool._store
+    return store
 
 
-def queue_store(queue) -> ObjectStore:
+def queue_store(queue: Queue | SimpleQueue) -> ObjectStore:
     """The store a Queue, JoinableQueue or SimpleQueue moves big items through."""
-    return queue._store
+    store: ObjectStore = queue._store
+    return store
 
 
-def in_store(store: ObjectStore | RawStore, array) -> bool:
+def in_store(store: ObjectStore | RawStore, array: Any) -> bool:
     """Whether *array*'s memory lies inside *store*'s shared memory."""
     import numpy as np
     region = np.frombuffer(raw_store(store)._arena.buf, np.uint8)
@@ -87,7 +95,8 @@ def in_store(store: ObjectStore | RawStore, array) -> bool:
         del region
 
 
-def settled_statistics(store, baseline, timeout: float = 10.0):
+def settled_statistics(store: ObjectStore | RawStore, baseline: StoreStatistics,
+                       timeout: float = 10.0) -> StoreStatistics:
     """Statistics of *store* once its live objects and bytes in use are back
     to *baseline*'s, or as they are after *timeout* seconds.  Releases by
     other processes (a worker acknowledging a result) take a moment."""
@@ -100,7 +109,7 @@ def settled_statistics(store, baseline, timeout: float = 10.0):
         time.sleep(0.01)      # polling shared counters; there is no event to wait on
 
 
-def die_holding_store_lock(_=None) -> None:
+def die_holding_store_lock(_: object = None) -> None:
     """In a pool worker: take the store's lock, then SIGKILL this process."""
     store = _default_store.default_store()
     store.raw._alloc.lock()
@@ -117,9 +126,9 @@ def die_while_writing_object(nbytes: int = 1 << 20) -> None:
 class FailsToUnpickle:
     """Pickles fine; raises RuntimeError when unpickled (in the receiver)."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[], object], tuple[()]]:
         return _refuse_to_unpickle, ()
 
 
-def _refuse_to_unpickle():
+def _refuse_to_unpickle() -> object:
     raise RuntimeError("refusing to unpickle")
