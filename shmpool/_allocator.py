@@ -23,9 +23,11 @@ payloads are 64-byte aligned::
     ... payload (size - BLOCK_OVERHEAD bytes) ...
     size-8: footer = tag           (lets the next block find this one)
 
-A free block of size ``s`` sits in class ``floor(log2(s / 64))``; a bitmap
-finds the first non-empty class above the request in O(1).  Freed blocks
-coalesce with free neighbours at once (boundary tags).
+A free block of size ``s`` sits in class ``floor(log2(s / 64))``.  A request
+takes the head of the first non-empty class above its own (a bitmap lookup:
+any block there fits); only when there is none does it search its own class,
+all of it.  So if a free block can hold a request, the request gets it.
+Freed blocks coalesce with free neighbours at once (boundary tags).
 
 The lock protocol
 -----------------
@@ -149,8 +151,6 @@ LOCK_TIMEOUT = 60.0
 #: Exceptions after which a locked section still ends clean: every locked
 #: method raises them from validation, before its first shared write.
 CLEAN_EXITS = (ObjectNotFoundError, ObjectStateError, StoreFullError, ClosedError)
-#: Exact-class candidates inspected before moving to a larger class.
-FIT_SCAN_LIMIT = 16
 
 # Offsets below are in bytes and multiples of 8; every shared word is read
 # and written as ``arena.words[offset >> 3]`` (see _arena for why not struct).
@@ -482,19 +482,17 @@ class FreeListAllocator:
             self._set(nxt + 16, prev)
 
     def _find_fit(self, size: int) -> int:
+        """A free block of at least *size* bytes, or 0 if there is none."""
         cls = _size_class(size)
+        above = self._get(_H_BITMAP) >> (cls + 1)
+        if above:               # O(1): every block of a larger class fits
+            return self._get(_H_HEADS + 8 * (cls + (above & -above).bit_length()))
         off = self._get(_H_HEADS + 8 * cls)
-        for _ in range(FIT_SCAN_LIMIT):
-            if not off:
-                break
+        while off:              # the whole class: a fitting block is never missed
             if self._get(off) >= size:
                 return off
             off = self._get(off + 8)
-        above = self._get(_H_BITMAP) >> (cls + 1)
-        if not above:
-            return 0
-        cls += (above & -above).bit_length()
-        return self._get(_H_HEADS + 8 * cls)
+        return 0
 
     # -- allocate and free (lock held) -------------------------------------
 
