@@ -6,11 +6,13 @@ any process can free what another allocated.
 
 Allocator header (native u64, at arena offset ``HEADER_SIZE``)::
 
-    +0   lock holder pid (0 = nobody)   +8   lock acquisitions (sequence)
+    +0   dirty: pid of the process in a locked section, 0 after a clean one
+    +8   lock acquisitions (sequence)
     +16  in_use (bytes of used blocks)  +24  peak in_use
     +32  live blocks                    +40  bitmap of non-empty classes
     +48  heap start                     +56  heap end
-    +64  lock takeovers (dead holders)  +72..127 reserved
+    +64  holders that died holding the lock     +72  repairs
+    +80..127 reserved
     +128 NCLASSES free-list heads (block offsets, 0 = empty)
 
 Blocks tile ``[heap start, heap end)`` exactly.  Each is a multiple of
@@ -21,19 +23,83 @@ payloads are 64-byte aligned::
     ... payload (size - BLOCK_OVERHEAD bytes) ...
     size-8: footer = tag           (lets the next block find this one)
 
-A free block of size ``s`` sits in class ``floor(log2(s / 64))``; a bitmap
-finds the first non-empty class above the request in O(1).  Freed blocks
-coalesce with free neighbours at once (boundary tags).
+A free block of size ``s`` sits in class ``floor(log2(s / 64))``.  A request
+takes the head of the first non-empty class above its own (a bitmap lookup:
+any block there fits); only when there is none does it search its own class,
+all of it.  So if a free block can hold a request, the request gets it.
+Freed blocks coalesce with free neighbours at once (boundary tags).
 
-Crash consistency.  A process may be SIGKILLed anywhere, also while it
-holds the lock.  Each shared word goes from its old value to its new one in
-a single store (``Arena.words``; never ``struct.pack_into``, which zeroes
-the word before it writes the value).  Every update is ordered so that
-walking the *header tags* from heap start always sees a valid tiling: a
-split writes the remainder's header before shrinking the block; a merge
-rewrites the first header of the run last.  Footers, lists, bitmap and
-counters are derived state, and ``repair()`` rebuilds all of them from that
-walk.
+The lock protocol
+-----------------
+
+The lock is a robust, process-shared, error-checking pthread mutex in the
+arena's header (``Arena.mutex``), used only through this class.
+
+- **Liveness is the kernel's to judge.**  A thread that dies holding the
+  mutex (its process SIGKILLed, or exiting) is on the kernel's robust-futex
+  list, so the next locker gets EOWNERDEAD: it marks the mutex consistent,
+  counts a takeover, repairs, and goes on.  A live holder is never robbed,
+  however long it stalls (SIGSTOP, a GIL held elsewhere): waiters wait.  One
+  that keeps the lock LOCK_TIMEOUT seconds with no other acquisition in
+  between makes the waiter raise BrokenArenaError naming it; the lock is
+  never taken from it.
+- **The dirty word.**  A locker writes its pid into it just after taking the
+  mutex, and ``unlock()`` clears it just before releasing, after a clean
+  section.  A locker that finds it set (a holder died, or an exception left
+  a section mid-change) runs ``repair()`` and then every repair hook before
+  anything else.  ``locked()`` ends clean when its body raised nothing, or
+  raised one of CLEAN_EXITS: those are raised by validation *before any
+  shared write*, and every locked method must keep it so.  Anything else
+  (KeyboardInterrupt, MemoryError, BrokenArenaError, an assertion) leaves
+  the word set.
+- **Crash consistency.**  Each shared word goes from its old value to its
+  new one in a single store (``Arena.words``; never ``struct.pack_into``,
+  which zeroes the word before it writes the value).  Every update is
+  ordered so that walking the *header tags* from heap start always sees a
+  valid tiling: a split writes the remainder's header before shrinking the
+  block; a merge rewrites the first header of the run last.  Footers,
+  lists, bitmap and counters are derived state, and ``repair()`` rebuilds
+  them from that walk.  So a section cut anywhere is repairable.
+- **Waiting.**  A waiter blocks in C with the GIL released, in LOCK_SLICE
+  steps, returning to Python between them so that signal handlers run and
+  Ctrl-C works.  A signal never ends a wait early and is never an error.
+- **Exceptions from signal handlers** (KeyboardInterrupt) may fire between
+  any two bytecodes.  Every path that takes or gives back the mutex runs
+  under ``except BaseException``: if this thread then holds it (the futex
+  word carries the owner's thread id), the handler marks it consistent,
+  leaves the dirty word set and releases it.  So an interrupt right after
+  the C call returned, inside ``repair()``, or inside ``unlock()`` leaves
+  neither a held lock nor unrepaired state.  What remains: (1) before
+  Python 3.11 the interpreter also checks for signals in the few bytecodes
+  between ``lock()`` returning and the caller's ``try`` (3.11 and later do
+  not check there, so ``with allocator.locked():`` has no such gap); (2) a
+  *second* handler exception raised while the first one is letting go of
+  the lock, at a loop edge.  Either leaves the lock with this live thread:
+  its state is repaired by whoever takes it next (the dirty word is set),
+  waiters get BrokenArenaError after LOCK_TIMEOUT naming this process, this
+  thread's next ``lock()`` raises RuntimeError, and the kernel releases it
+  when the thread exits.
+- **By construction**, the failures of the earlier semaphore and its
+  pid/timer guessing cannot happen: no waiter decides that a holder is dead,
+  so a stalled holder is never robbed and no repair runs under a live
+  writer; the mutex is a single owner word, so a stall inside ``unlock()``
+  cannot leave it "released twice"; no pid is ever compared with a live
+  process, so a reused pid misleads nobody; and the mutex has no name or id,
+  so nothing outlives the processes or collides with another user's.
+- **Threads** of one process are ordered by the mutex itself (it is per
+  thread): no ``threading.Lock`` is needed.  The thread that locks must
+  unlock.  ``lock()`` by the holding thread raises RuntimeError; from a GC
+  finalizer (which may run inside a section) use ``try_lock()``, which then
+  returns False.
+- **fork.**  Nobody forks while holding the lock in the forking thread,
+  except a ``before`` fork hook (``os.register_at_fork``) that takes it so
+  that nothing changes across the fork: the parent's ``after_in_parent``
+  hook releases it; the child, which does not own it (the owner is the
+  parent's thread), must not, and locks like any other process.  glibc
+  gives the child an empty robust list.
+- **PID namespaces.**  The owner is recorded as a thread id of the holder's
+  namespace; processes that share a store should share one, or two threads
+  with equal ids could each take the other for itself.
 
 Invariants (checked by ``_check_invariants``):
 
@@ -47,18 +113,23 @@ Invariants (checked by ``_check_invariants``):
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import errno
 import os
 import threading
 import time
 from dataclasses import dataclass
 
-from . import _posix
 from ._arena import HEADER_SIZE, Arena
-from ._errors import BrokenArenaError, ObjectStateError, StoreFullError
+from ._errors import (
+    BrokenArenaError,
+    ClosedError,
+    ObjectNotFoundError,
+    ObjectStateError,
+    StoreFullError,
+)
 
-__all__ = ["FreeListAllocator", "AllocatorStatistics", "BLOCK_OVERHEAD", "ALIGNMENT"]
+__all__ = ["FreeListAllocator", "AllocatorStatistics", "BLOCK_OVERHEAD", "ALIGNMENT",
+           "CLEAN_EXITS"]
 
 ALIGNMENT = 64
 BLOCK_HEADER = 64
@@ -67,39 +138,40 @@ MIN_BLOCK = 128
 NCLASSES = 48
 ALLOCATED = 1
 
-#: How long one wait on the semaphore lasts before the waiter looks at the
-#: holder.  Shorter notices a dead holder sooner; longer wakes less often.
-LOCK_POLL = 0.05
-#: A holder pid of 0 with the semaphore taken for this long means the holder
-#: died between taking the semaphore and writing its pid (or between clearing
-#: it and releasing).  No live process holds the lock for more than a few
-#: microseconds, so this is far above any real hold.
-AMBIGUOUS_HOLD = 5.0
-#: A live holder that keeps the lock this long is treated as broken (it was
-#: stopped, or its pid was reused); the waiter raises instead of hanging.
+#: How long one blocking wait for the lock lasts before the waiter returns
+#: to Python (signal handlers, Ctrl-C, the LOCK_TIMEOUT check).  glibc
+#: restarts a futex wait that a signal interrupts, so this bounds how late a
+#: handler runs.  Shorter reacts sooner; longer wakes a waiter less often.
+LOCK_SLICE = 0.1
+#: A live holder that keeps the lock this long, with nobody else taking it
+#: in between, is stopped or stuck: the waiter raises BrokenArenaError.
+#: Real holds last microseconds; this stays far above any stall a healthy
+#: system shows (a SIGSTOP by a debugger or a shell, a swapped-out holder).
 LOCK_TIMEOUT = 60.0
-#: Exact-class candidates inspected before moving to a larger class.
-FIT_SCAN_LIMIT = 16
+#: Exceptions after which a locked section still ends clean: every locked
+#: method raises them from validation, before its first shared write.
+CLEAN_EXITS = (ObjectNotFoundError, ObjectStateError, StoreFullError, ClosedError)
 
 # Offsets below are in bytes and multiples of 8; every shared word is read
 # and written as ``arena.words[offset >> 3]`` (see _arena for why not struct).
-_H_HOLDER, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
+_H_DIRTY, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
     HEADER_SIZE + 8 * i for i in range(8))
+_W_DIRTY, _W_SEQ = _H_DIRTY >> 3, _H_SEQ >> 3
 _H_TAKEOVERS = HEADER_SIZE + 64
+_H_REPAIRS = HEADER_SIZE + 72
 _H_HEADS = HEADER_SIZE + 128
 ALLOC_HEADER_END = _H_HEADS + 8 * NCLASSES
 HEAP_START = (ALLOC_HEADER_END + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-_STEAL_BYTE = 0        # byte of the segment whose fcntl lock arbitrates steals
+
+_TAKEN = (0, errno.EOWNERDEAD)
+_BUSY = (errno.EBUSY, errno.ETIMEDOUT)
 
 
 def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
-# The pid, cached: os.getpid() is a system call, and a pending SIGKILL is
-# delivered on the way out of one.  Made between taking the semaphore and
-# recording the holder, it would put the victim's death exactly where its
-# holder pid is not yet written, the case that costs waiters AMBIGUOUS_HOLD.
+# The pid, cached (os.getpid() is a system call); it goes in the dirty word.
 _pid = os.getpid()
 
 
@@ -135,26 +207,48 @@ class AllocatorStatistics:
     committed: int
     """Bytes of the segment backed by reserved memory."""
     lock_takeovers: int
-    """Times a waiter took the lock over from a holder that had died."""
+    """Times a holder died holding the lock (the next locker repaired)."""
+    repairs: int
+    """Times a locker found a section left mid-change (a holder died, or an
+    exception escaped a locked section) and rebuilt the state."""
+
+
+class _LockNotTaken(BrokenArenaError):
+    """Raised by a lock attempt that did not take the mutex."""
+
+
+class _Section:
+    """``with allocator.locked():``; stateless, so one serves every thread."""
+
+    __slots__ = ("_alloc",)
+
+    def __init__(self, alloc: "FreeListAllocator") -> None:
+        self._alloc = alloc
+
+    def __enter__(self) -> "FreeListAllocator":
+        self._alloc.lock()
+        return self._alloc
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._alloc.unlock(consistent=exc_type is None or issubclass(exc_type, CLEAN_EXITS))
 
 
 class FreeListAllocator:
     """Hand out and take back 64-byte-aligned byte ranges of an Arena.
 
     Process- and thread-safe.  ``try_allocate`` and ``free`` take the arena
-    lock themselves; ``*_locked`` methods expect the caller to
-    hold it (``with allocator.locked():``), which lets the store do several
-    steps atomically.  Nobody holds the lock across user code or a blocking
-    call.  A waiter that finds the holder dead takes the lock over, repairs
-    the state from the boundary tags, and goes on; if it cannot tell, it
-    raises BrokenArenaError within LOCK_TIMEOUT.  Does not own *arena*.
+    lock themselves; ``*_locked`` methods, ``blocks`` and ``repair`` expect
+    the caller to hold it (``with allocator.locked():``), which lets the
+    store do several steps atomically.  Nobody holds the lock across user
+    code or a blocking call.  The lock protocol is in the module docstring.
+    Does not own *arena*.
     """
 
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
         self._words = arena.words
-        self._sem = arena.lock
-        self._steal_mutex = threading.Lock()
+        self._mutex = arena.mutex
+        self._section = _Section(self)
         self._repair_hooks: list = []
 
     @classmethod
@@ -173,7 +267,8 @@ class FreeListAllocator:
         return alloc
 
     def add_repair_hook(self, hook) -> None:
-        """Call *hook()* (with the lock held) after state is repaired."""
+        """Call *hook()*, with the lock held, after every ``repair()`` that a
+        lock operation runs (the allocator's own state is whole by then)."""
         self._repair_hooks.append(hook)
 
     # -- locking -----------------------------------------------------------
@@ -185,85 +280,171 @@ class FreeListAllocator:
         # One store: a process killed here leaves the old value or the new.
         self._words[off >> 3] = value
 
-    def _on_acquired(self) -> None:
-        self._set(_H_HOLDER, _pid)
-        self._set(_H_SEQ, self._get(_H_SEQ) + 1)
-
-    def try_lock(self) -> bool:
-        """Take the lock if it is free right now; never blocks."""
-        if self._sem.try_acquire():
-            self._on_acquired()
-            return True
-        return False
+    def _held_here(self) -> bool:
+        """Whether the calling thread holds the mutex."""
+        owner = self._mutex.owner_tid()
+        return bool(owner) and owner == threading.get_native_id()
 
     def lock(self) -> None:
-        """Take the lock, taking it over from a dead holder if need be.
+        """Take the lock, waiting for a live holder; repair first if the
+        last section did not end clean.
+
+        Blocks until the lock is free, returning to Python every LOCK_SLICE
+        seconds (signal handlers run; a KeyboardInterrupt ends the wait).
 
         Raises:
-            BrokenArenaError: the holder is alive but kept the lock for
-                LOCK_TIMEOUT seconds.
+            BrokenArenaError: a live holder kept the lock for LOCK_TIMEOUT
+                seconds, or the arena's memory is corrupt.
+            ClosedError: the arena is closed in this process.
+            RuntimeError: the calling thread already holds the lock.
         """
-        if self.try_lock():
-            return
-        started = time.monotonic()
-        seen = (self._get(_H_HOLDER), self._get(_H_SEQ))
-        seen_since = started
-        while True:
-            if self._sem.acquire(LOCK_POLL):
-                self._on_acquired()
-                return
-            now = time.monotonic()
-            state = (self._get(_H_HOLDER), self._get(_H_SEQ))
-            if state != seen:
-                seen, seen_since = state, now
-            holder = state[0]
-            if holder and not _posix.process_is_alive(holder):
-                if self._steal(state):
-                    return
-            elif not holder and now - seen_since >= AMBIGUOUS_HOLD:
-                if self._steal(state):
-                    return
-            if now - started >= LOCK_TIMEOUT:
-                raise BrokenArenaError(
-                    f"the store lock has been held by pid {holder} for "
-                    f"{now - started:.0f}s; a lock is never held that long, so "
-                    f"the holder is stopped or stuck (kill it or recreate the store)")
+        mutex = self._mutex
+        if mutex.closed:
+            raise ClosedError("the store's arena is closed in this process")
+        owner = mutex.owner_tid()
+        if owner and owner == threading.get_native_id():
+            raise RuntimeError(
+                f"this thread (id {owner}) already holds the store lock: lock() "
+                f"inside a locked section, or an interrupt escaped one before it "
+                f"could let go (a finalizer must use try_lock())")
+        self._guarded(self._acquire, True)
 
-    def _steal(self, seen: tuple[int, int]) -> bool:
-        """Take over the lock from a holder that will never release it."""
-        fd = self._arena_fd()
-        with self._steal_mutex:
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, _STEAL_BYTE)
+    def try_lock(self) -> bool:
+        """Take the lock if it is free right now; never blocks (it may
+        repair).  False also when the calling thread holds it already, as a
+        GC finalizer running inside a section does."""
+        mutex = self._mutex
+        if mutex.closed:
+            raise ClosedError("the store's arena is closed in this process")
+        owner = mutex.owner_tid()
+        if owner and owner == threading.get_native_id():
+            return False
+        return self._guarded(self._acquire, False)
+
+    def unlock(self, *, consistent: bool = True) -> None:
+        """Release the lock.  *consistent*: the section left the shared state
+        whole, so the next holder need not repair; False leaves the dirty word
+        set.
+
+        Raises:
+            RuntimeError: the calling thread does not hold the lock.
+        """
+        rc = self._guarded(self._release, consistent)
+        if rc:
+            raise RuntimeError(
+                f"unlock() of the store lock by thread {threading.get_native_id()}, "
+                f"which does not hold it ({errno.errorcode.get(rc, rc)})")
+
+    def _guarded(self, step, arg):
+        """``step(arg)``; if an exception escapes it while this thread holds
+        the mutex, release the mutex with the dirty word set."""
+        try:
+            return step(arg)
+        except _LockNotTaken:
+            raise
+        except BaseException:
             try:
-                if self._sem.try_acquire():          # released meanwhile
-                    self._on_acquired()
-                    return True
-                if (self._get(_H_HOLDER), self._get(_H_SEQ)) != seen:
-                    return False                     # somebody else took over
-                self._on_acquired()                  # the semaphore's 0 is ours now
-                self._set(_H_TAKEOVERS, self._get(_H_TAKEOVERS) + 1)
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, _STEAL_BYTE)
+                self._let_go_surely()
+            except BaseException:       # raised on the way in: once more
+                self._let_go_surely()
+            raise
+
+    def _acquire(self, wait: bool) -> bool:
+        rc = self._mutex.try_acquire()
+        if rc not in _TAKEN:
+            if not wait and rc == errno.EBUSY:
+                return False
+            rc = self._wait(rc) if wait else self._refuse(rc)
+        words = self._words
+        if rc or words[_W_DIRTY]:
+            self._recover(rc)
+        else:
+            words[_W_DIRTY] = _pid
+            words[_W_SEQ] += 1          # one store, as every shared word
+        return True
+
+    def _release(self, consistent: bool) -> int:
+        if consistent:
+            self._words[_W_DIRTY] = 0
+        return self._mutex.release()
+
+    def locked(self) -> _Section:
+        """``with allocator.locked():`` runs the body holding the lock; see
+        CLEAN_EXITS for which exceptions still end it clean."""
+        return self._section
+
+    def _wait(self, rc: int) -> int:
+        """Wait until the mutex is taken; return 0 or EOWNERDEAD."""
+        mutex = self._mutex
+        seen, since = self._get(_H_SEQ), time.monotonic()
+        while rc not in _TAKEN:
+            if rc not in _BUSY:
+                self._refuse(rc)
+            seq, now = self._get(_H_SEQ), time.monotonic()
+            if seq != seen:
+                seen, since = seq, now
+            elif now - since >= LOCK_TIMEOUT:
+                raise self._stuck_holder(now - since)
+            rc = mutex.acquire_for(LOCK_SLICE)
+        return rc
+
+    def _recover(self, rc: int) -> None:
+        """Just taken, with EOWNERDEAD (*rc*) or the dirty word set: record
+        the hold, then repair."""
+        if rc:
+            self._mutex.make_consistent()
+            self._set(_H_TAKEOVERS, self._get(_H_TAKEOVERS) + 1)
+        self._set(_H_DIRTY, _pid)
+        self._set(_H_SEQ, self._get(_H_SEQ) + 1)
+        self._set(_H_REPAIRS, self._get(_H_REPAIRS) + 1)
         self.repair()
         for hook in self._repair_hooks:
             hook()
-        return True
 
-    def _arena_fd(self) -> int:
-        return self._arena.fileno()
+    def _let_go_surely(self) -> None:
+        """``_let_go()``, again if an exception from a signal handler cuts it."""
+        while True:
+            try:
+                self._let_go()
+                return
+            except BaseException:
+                pass
 
-    def unlock(self) -> None:
-        self._set(_H_HOLDER, 0)
-        self._sem.release()
-
-    @contextlib.contextmanager
-    def locked(self):
-        """``with allocator.locked():`` runs the body holding the arena lock."""
-        self.lock()
+    def _let_go(self) -> None:
+        """An exception is leaving a lock operation: if this thread holds the
+        mutex, release it with the dirty word set.  Safe to repeat."""
+        if not self._held_here():
+            return
+        mutex = self._mutex
+        mutex.make_consistent()         # EINVAL (ignored) unless just EOWNERDEAD
         try:
-            yield self
+            self._set(_H_DIRTY, _pid)
         finally:
-            self.unlock()
+            mutex.release()
+
+    def _refuse(self, rc: int):
+        """Raise the error for a lock attempt that failed with *rc*."""
+        if rc == errno.ENOTRECOVERABLE:
+            raise _LockNotTaken(
+                "the store lock is unrecoverable: a process that found its holder "
+                "dead released it without repairing (recreate the store)")
+        if rc == errno.EDEADLK:
+            raise _LockNotTaken(
+                f"the store lock is held by a thread with this thread's id "
+                f"({threading.get_native_id()}) in another PID namespace: processes "
+                f"that share a store must share a PID namespace")
+        raise _LockNotTaken(
+            f"cannot take the store lock: {errno.errorcode.get(rc, rc)} "
+            f"({os.strerror(rc)})")
+
+    def _stuck_holder(self, waited: float) -> _LockNotTaken:
+        pid, tid = self._get(_H_DIRTY), self._mutex.owner_tid()
+        who = f"pid {pid} (thread {tid})" if pid else f"thread {tid}"
+        return _LockNotTaken(
+            f"the store lock has been held by {who} for {waited:.0f}s with nobody "
+            f"else taking it; a lock is held for microseconds, so the holder is "
+            f"stopped or stuck: resume it (SIGCONT), or kill it (the next locker "
+            f"then repairs the store), or recreate the store")
 
     # -- free lists --------------------------------------------------------
 
@@ -301,19 +482,17 @@ class FreeListAllocator:
             self._set(nxt + 16, prev)
 
     def _find_fit(self, size: int) -> int:
+        """A free block of at least *size* bytes, or 0 if there is none."""
         cls = _size_class(size)
+        above = self._get(_H_BITMAP) >> (cls + 1)
+        if above:               # O(1): every block of a larger class fits
+            return self._get(_H_HEADS + 8 * (cls + (above & -above).bit_length()))
         off = self._get(_H_HEADS + 8 * cls)
-        for _ in range(FIT_SCAN_LIMIT):
-            if not off:
-                break
+        while off:              # the whole class: a fitting block is never missed
             if self._get(off) >= size:
                 return off
             off = self._get(off + 8)
-        above = self._get(_H_BITMAP) >> (cls + 1)
-        if not above:
-            return 0
-        cls += (above & -above).bit_length()
-        return self._get(_H_HEADS + 8 * cls)
+        return 0
 
     # -- allocate and free (lock held) -------------------------------------
 
@@ -441,6 +620,7 @@ class FreeListAllocator:
             largest_free_block=largest,
             committed=self._arena.committed,
             lock_takeovers=self._get(_H_TAKEOVERS),
+            repairs=self._get(_H_REPAIRS),
         )
 
     def _walk(self):

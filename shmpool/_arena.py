@@ -1,11 +1,12 @@
 """One shared-memory segment, mapped in every process that uses the store.
 
-The creating process owns the arena.  The segment has no name (it is
-unlinked the moment it exists); other processes receive its file
-descriptor: inherited under fork, passed with ``multiprocessing.reduction.DupFd``
-when an Arena is pickled for spawn or forkserver.  The kernel frees the
-memory when the last descriptor and mapping are gone, so even SIGKILL of the
-whole process group leaves no segment behind.
+The creating process owns the arena.  The segment never has a name
+(``_posix.create_segment``); other processes receive its file descriptor:
+inherited under fork, passed with ``multiprocessing.reduction.DupFd`` when an
+Arena is pickled for spawn or forkserver.  The kernel frees the memory when
+the last descriptor and mapping are gone.  The arena's lock lives in its
+header, so an arena owns no name at all: even SIGKILL of the whole process
+group leaves nothing behind, and no start-up has anything to sweep.
 
 The segment is sparse: it is mapped at its full capacity, but memory is
 reserved (``posix_fallocate``) only as the allocator's high-water mark
@@ -15,8 +16,9 @@ never as a SIGBUS on first touch.
 
 Arena header (native u64 at offsets from the segment start)::
 
-    +0  magic b"SHMPOOL\\x01"    +8  capacity (bytes)     +16 owner pid
+    +0  magic b"SHMPOOL\\x02"    +8  capacity (bytes)     +16 owner pid
     +24 committed (bytes)        +32 token (random u64)   +40..63 reserved
+    +64 the lock: a robust, process-shared pthread mutex (MUTEX_SIZE bytes)
 
 Bytes from HEADER_SIZE on belong to the allocator.
 
@@ -34,13 +36,14 @@ import secrets
 import struct
 from multiprocessing import reduction
 
-from . import _posix, _tracker
+from . import _posix
 from ._errors import BrokenArenaError, ClosedError, StoreFullError
 
 __all__ = ["Arena", "HEADER_SIZE", "MIN_CAPACITY"]
 
-MAGIC = b"SHMPOOL\x01"
-HEADER_SIZE = 64
+MAGIC = b"SHMPOOL\x02"
+MUTEX_OFFSET = 64
+HEADER_SIZE = MUTEX_OFFSET + _posix.MUTEX_SIZE
 PAGE_SIZE = mmap.PAGESIZE
 #: Memory is reserved in steps of this size.  Larger steps mean fewer
 #: fallocate calls on a growing store; smaller ones reserve less memory that
@@ -67,20 +70,20 @@ def _round_up(n: int, k: int) -> int:
 
 
 class Arena:
-    """A mapped shared-memory segment plus the semaphore that guards it.
+    """A mapped shared-memory segment, with the mutex that guards it inside.
 
-    Ownership: the creator (``Arena.create``) owns the segment and the
-    semaphore name; ``close()`` in the owner unlinks the name.  Attached
-    copies (unpickled, or inherited by fork) own only their descriptor and
-    mapping.  Process-safe; the mutable header field ``committed`` is only
+    Ownership: the creator (``Arena.create``) made the segment and its
+    mutex; every copy (the creator's, unpickled ones, ones inherited by
+    fork) owns only its descriptor and mapping.  ``mutex`` is the lock that
+    the allocator builds its protocol on (``_allocator``); nothing else
+    takes it.  Process-safe; the mutable header field ``committed`` is only
     written under the arena lock, by ``commit_up_to``.
 
     ``close()`` never invalidates a live view: while buffers exported from
     the mapping exist, the mapping stays until the last of them is gone.
     """
 
-    def __init__(self, fd: int, capacity: int, lock: _posix.NamedSemaphore,
-                 *, owner: bool) -> None:
+    def __init__(self, fd: int, capacity: int, *, owner: bool, new: bool = False) -> None:
         self._fd = fd
         self._mmap = mmap.mmap(fd, capacity)
         self.buf = memoryview(self._mmap)
@@ -93,9 +96,10 @@ class Arena:
         self.address = ctypes.addressof(probe)
         del probe
         self.capacity = capacity
-        self.lock = lock
+        memory = (ctypes.c_char * _posix.MUTEX_SIZE).from_buffer(self._mmap, MUTEX_OFFSET)
+        init = _posix.RobustMutex.initialize if new else _posix.RobustMutex
+        self.mutex = init(memory)
         self.is_owner = owner
-        self._created_in_pid = os.getpid() if owner else 0
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -112,7 +116,6 @@ class Arena:
             StoreFullError: *capacity* exceeds the free space of /dev/shm.
             ValueError: *capacity* is below MIN_CAPACITY.
         """
-        _tracker.sweep_dead_owners()
         free = _posix.shm_free_bytes()
         if capacity is None:
             capacity = free // PAGE_SIZE * PAGE_SIZE
@@ -124,32 +127,31 @@ class Arena:
                 f"cannot create a store of {capacity} bytes: /dev/shm has only "
                 f"{free} bytes free (pass a smaller capacity= or free /dev/shm)")
         capacity = _round_up(capacity, PAGE_SIZE)
-        fd = _posix.create_unlinked_segment(capacity)
+        fd = _posix.create_segment(capacity)
         try:
             first = min(COMMIT_CHUNK, capacity)
             if not _posix.commit_pages(fd, 0, first):
                 raise StoreFullError(
                     f"cannot reserve {first} bytes in /dev/shm for a new store")
-            lock = _posix.NamedSemaphore.create()
+            arena = cls(fd, capacity, owner=True, new=True)
         except BaseException:
             os.close(fd)
             raise
-        _tracker.register_owned(lock.name)
-        arena = cls(fd, capacity, lock, owner=True)
         _HEADER.pack_into(arena.buf, 0, MAGIC, capacity, os.getpid(), first,
                           secrets.randbits(63))
         return arena
 
     def __reduce__(self):
         self._check_open()
-        return (_attach, (reduction.DupFd(self._fd), self.capacity, self.lock.name))
+        return (_attach, (reduction.DupFd(self._fd), self.capacity))
 
     def close(self) -> None:
-        """Drop this process's mapping and descriptor; the owner also unlinks
-        the semaphore name.  Idempotent.  Live views keep the mapping alive."""
+        """Drop this process's mapping and descriptor.  Idempotent.  Live
+        views keep the mapping alive.  Never call it while holding the lock."""
         if self._closed:
             return
         self._closed = True
+        self.mutex.close()                  # its export of the mapping goes first
         self.words.release()
         self.words32.release()
         self.buf.release()
@@ -158,10 +160,6 @@ class Arena:
         except BufferError:
             pass            # views still exported: unmapped when the last dies
         os.close(self._fd)
-        if self.is_owner and self._created_in_pid == os.getpid():
-            self.lock.unlink()
-            _tracker.unregister_owned(self.lock.name)
-        self.lock.close()
 
     def fileno(self) -> int:
         """The segment's file descriptor in this process (owned by the arena)."""
@@ -221,10 +219,9 @@ class Arena:
         return (ctypes.c_char * nbytes).from_buffer(self._mmap, offset)
 
 
-def _attach(dupfd, capacity: int, sem_name: str) -> Arena:
+def _attach(dupfd, capacity: int) -> Arena:
     fd = dupfd.detach()
-    lock = _posix.NamedSemaphore.open(sem_name)
-    arena = Arena(fd, capacity, lock, owner=False)
+    arena = Arena(fd, capacity, owner=False)
     magic = bytes(arena.buf[:8])
     if magic != MAGIC:
         arena.close()

@@ -1,48 +1,46 @@
-"""Operating-system primitives: segments, the named semaphore, process checks.
+"""Operating-system primitives: nameless segments, the robust mutex, process checks.
 
-This is the only module that imports ``posix_ipc``; its errors are translated
-into shmpool's here and nowhere else.
+Nothing here creates a name.  A segment is an anonymous file in the tmpfs
+behind ``/dev/shm`` (``O_TMPFILE``), so it never has a name, not even for a
+microsecond, while its memory is still counted against ``/dev/shm``: a full
+``/dev/shm`` makes ``posix_fallocate`` fail rather than a first touch raise
+SIGBUS.  Where ``O_TMPFILE`` is refused, ``memfd_create`` (also nameless)
+stands in.  The lock lives inside the segment (``RobustMutex``).  So there is
+nothing that another user, another PID namespace or a reused pid could
+collide with, and nothing to sweep after a crash.
 
-Names.  Every name shmpool creates in ``/dev/shm`` reads
-``shmp_<owner pid>_<16 random hex digits>``: unguessable, mode 0600, and
-carrying the owner's pid so that a later start can sweep what a dead owner
-left behind (see ``_tracker``).  Segments keep their name only for the few
-microseconds between creation and unlink; what crosses to other processes is
-the file descriptor.  The semaphore keeps its name for the life of the arena,
-because a spawned process can only open it by name.
+``RobustMutex`` calls glibc's pthread functions through ctypes.  They are in
+``libc.so.6`` from glibc 2.34 on and in ``libpthread.so.0`` before that.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import os
 import re
-import secrets
+import time
 
-import posix_ipc
-
-from ._errors import BrokenArenaError, StoreFullError
+from ._errors import StoreFullError
 
 __all__ = [
     "SHM_DIR",
-    "NamedSemaphore",
+    "MUTEX_SIZE",
+    "RobustMutex",
     "commit_pages",
-    "create_unlinked_segment",
-    "leftover_names",
-    "new_name",
+    "create_segment",
     "process_is_alive",
     "shm_free_bytes",
-    "unlink_name",
+    "shmpool_names",
 ]
 
 SHM_DIR = "/dev/shm"
-_NAME_RE = re.compile(r"^(sem\.)?(shmp_(\d+)_[0-9a-f]+)$")
-
-
-def new_name(owner_pid: int | None = None) -> str:
-    """Return a fresh name ``/shmp_<pid>_<token>`` (64 random bits)."""
-    pid = os.getpid() if owner_pid is None else owner_pid
-    return f"/shmp_{pid}_{secrets.token_hex(8)}"
+#: What earlier versions of shmpool named their objects in ``/dev/shm``
+#: (``shmp_<pid>_<hex>``, semaphores with a ``sem.`` prefix).  Nothing
+#: creates such names any more; tests look for them to prove it.
+_NAME_RE = re.compile(r"^(sem\.)?shmp_\d+_[0-9a-f]+$")
 
 
 def shm_free_bytes() -> int:
@@ -51,24 +49,32 @@ def shm_free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
-def create_unlinked_segment(nbytes: int) -> int:
-    """Create a sparse shared-memory file of *nbytes*, unlink its name at once,
-    and return the file descriptor (owned by the caller, close-on-exec).
+def create_segment(nbytes: int) -> int:
+    """Create a sparse shared-memory file of *nbytes* that has no name, and
+    return its descriptor (owned by the caller, close-on-exec).
 
-    Nothing of it is left in ``/dev/shm``: the memory lives as long as some
-    process keeps the descriptor or a mapping of it open.
+    The memory lives as long as some process keeps the descriptor or a
+    mapping of it open; nothing of it is ever visible in ``/dev/shm``.
+
+    Raises:
+        StoreFullError: the kernel refused to create the file.
     """
-    name = new_name()
     try:
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=nbytes)
-    except posix_ipc.Error as exc:
+        # O_EXCL: the file can never be given a name later (linkat).
+        fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except (OSError, AttributeError):
+        # No O_TMPFILE here (kernel, file system or Python build).
+        try:
+            fd = os.memfd_create("shmpool", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise StoreFullError(
+                f"cannot create a {nbytes}-byte shared-memory segment: {exc}") from exc
+    try:
+        os.ftruncate(fd, nbytes)
+    except OSError as exc:
+        os.close(fd)
         raise StoreFullError(
-            f"cannot create a {nbytes}-byte shared-memory segment: {exc}") from exc
-    try:
-        fd = os.dup(shm.fd)
-    finally:
-        shm.close_fd()
-        posix_ipc.unlink_shared_memory(name)
+            f"cannot size a shared-memory segment to {nbytes} bytes: {exc}") from exc
     return fd
 
 
@@ -107,85 +113,165 @@ def process_is_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def leftover_names() -> list[tuple[str, int]]:
-    """Every shmpool name in ``/dev/shm`` as ``(posix name, owner pid)``."""
-    found = []
+def shmpool_names() -> set[str]:
+    """Every name in ``/dev/shm`` shaped like an old shmpool name, whoever
+    owns it.  Only read, never removed: none of them is this process's."""
     try:
-        entries = os.listdir(SHM_DIR)
+        return {entry for entry in os.listdir(SHM_DIR) if _NAME_RE.match(entry)}
     except OSError:
-        return found
-    for entry in entries:
-        m = _NAME_RE.match(entry)
-        if m:
-            kind = "sem" if m.group(1) else "shm"
-            found.append((f"{kind}:/{m.group(2)}", int(m.group(3))))
-    return found
+        return set()
 
 
-def unlink_name(tagged_name: str) -> None:
-    """Unlink a name returned by leftover_names(); a missing name is fine."""
-    kind, name = tagged_name.split(":", 1)
-    try:
-        if kind == "sem":
-            posix_ipc.unlink_semaphore(name)
-        else:
-            posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
+# -- the robust mutex -------------------------------------------------------
+
+#: Bytes reserved for a ``pthread_mutex_t``.  glibc's is 40 bytes on x86-64
+#: and 48 on aarch64 (24 on 32-bit targets); 64 covers every Linux target.
+MUTEX_SIZE = 64
+_GLIBC_MUTEX_SIZE = {"x86_64": 40, "aarch64": 48, "ppc64le": 40, "s390x": 40,
+                     "riscv64": 40, "i686": 24, "armv7l": 24}
+assert max(_GLIBC_MUTEX_SIZE.values()) <= MUTEX_SIZE
+assert ctypes.sizeof(ctypes.c_char * MUTEX_SIZE) == MUTEX_SIZE
+
+#: glibc keeps the owner's thread id in the low 30 bits of the mutex's first
+#: u32 (the futex word; the top two bits are "waiters" and "owner died").
+#: The layout is glibc's ABI (static initialisers depend on it).
+FUTEX_TID_MASK = 0x3FFFFFFF
+
+_PTHREAD_MUTEX_ERRORCHECK = 2
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+_CLOCK_MONOTONIC = time.CLOCK_MONOTONIC
 
 
-class NamedSemaphore:
-    """A process-shared binary semaphore with a name in ``/dev/shm``.
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
-    Thread- and process-safe.  ``try_acquire`` never blocks; ``acquire`` waits
-    at most *timeout* seconds.  After fork the child may use the parent's
-    handle; a spawned process opens it again by name (``open``).
+
+class _Pthread:
+    """The pthread functions, bound once per process on first use.
+
+    ``trylock``, ``unlock`` and ``consistent`` never block, so they keep the
+    GIL (``PyDLL``: no release and re-take around a call of a few hundred
+    nanoseconds).  ``clocklock`` may wait, so it releases the GIL (``CDLL``).
     """
 
-    def __init__(self, sem: posix_ipc.Semaphore, name: str) -> None:
-        self._sem = sem
-        self.name = name
+    _loaded: "_Pthread | None" = None
+
+    def __init__(self) -> None:
+        for name in ("c", "pthread"):
+            path = ctypes.util.find_library(name)
+            if path and hasattr(ctypes.CDLL(path), "pthread_mutex_consistent"):
+                break
+        else:
+            raise OSError("found no C library with robust pthread mutexes "
+                          "(shmpool needs glibc on Linux)")
+        blocking, quick = ctypes.CDLL(path), ctypes.PyDLL(path)
+        voidp, intp = ctypes.c_void_p, ctypes.c_int
+
+        def bind(lib, name, *argtypes):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = list(argtypes), intp
+            return fn
+
+        self.attr_init = bind(quick, "pthread_mutexattr_init", voidp)
+        self.attr_destroy = bind(quick, "pthread_mutexattr_destroy", voidp)
+        self.attr_settype = bind(quick, "pthread_mutexattr_settype", voidp, intp)
+        self.attr_setpshared = bind(quick, "pthread_mutexattr_setpshared", voidp, intp)
+        self.attr_setrobust = bind(quick, "pthread_mutexattr_setrobust", voidp, intp)
+        self.init = bind(quick, "pthread_mutex_init", voidp, voidp)
+        self.trylock = bind(quick, "pthread_mutex_trylock", voidp)
+        self.unlock = bind(quick, "pthread_mutex_unlock", voidp)
+        self.consistent = bind(quick, "pthread_mutex_consistent", voidp)
+        timespec_p = ctypes.POINTER(_Timespec)
+        if hasattr(blocking, "pthread_mutex_clocklock"):              # glibc >= 2.30
+            clocklock = bind(blocking, "pthread_mutex_clocklock", voidp, intp, timespec_p)
+            self.clock = _CLOCK_MONOTONIC
+            self.timedlock = lambda m, ts: clocklock(m, _CLOCK_MONOTONIC, ts)
+        else:
+            self.clock = time.CLOCK_REALTIME
+            self.timedlock = bind(blocking, "pthread_mutex_timedlock", voidp, timespec_p)
 
     @classmethod
-    def create(cls) -> "NamedSemaphore":
-        name = new_name()
-        sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=1)
-        return cls(sem, name)
+    def get(cls) -> "_Pthread":
+        if cls._loaded is None:
+            cls._loaded = cls()
+        return cls._loaded
+
+
+class RobustMutex:
+    """A process-shared, robust, error-checking pthread mutex in shared memory.
+
+    *memory* is a writable ctypes object of MUTEX_SIZE bytes inside a shared
+    mapping; the mutex keeps it (and so the mapping) alive.  Every method
+    returns the pthread error number (0 for success) and raises nothing of
+    its own: the caller (``_allocator``) decides what each one means.
+
+    - ``try_acquire`` never blocks.  ``acquire_for(seconds)`` waits at most
+      that long, with the GIL released; a signal does not end the wait early
+      (glibc restarts the futex wait), so callers keep slices short.
+    - EOWNERDEAD: the caller now holds the mutex, and its previous owner died
+      holding it (the kernel's robust-futex list reports it).  The caller must
+      call ``make_consistent`` before releasing, or the mutex becomes
+      unusable (ENOTRECOVERABLE).
+    - EDEADLK: the calling thread already holds it.  EPERM (release): the
+      calling thread does not hold it.
+
+    Ownership is per thread: the thread that acquired it must release it.
+    """
+
+    __slots__ = ("_memory", "_word", "_fns", "closed", "try_acquire", "release")
+
+    def __init__(self, memory) -> None:
+        assert ctypes.sizeof(memory) >= MUTEX_SIZE
+        self._fns = _Pthread.get()
+        self._bind(memory)
+        #: Set by ``close()``; callers check it before acquiring.
+        self.closed = False
+
+    def _bind(self, memory) -> None:
+        self._memory = memory
+        self._word = ctypes.c_uint32.from_buffer(memory)
+        # The two calls of every lock hold, bound without a Python frame.
+        #: ``try_acquire()``: never blocks.
+        self.try_acquire = functools.partial(self._fns.trylock, memory)
+        #: ``release()``: never blocks.
+        self.release = functools.partial(self._fns.unlock, memory)
 
     @classmethod
-    def open(cls, name: str) -> "NamedSemaphore":
-        try:
-            return cls(posix_ipc.Semaphore(name), name)
-        except posix_ipc.ExistentialError as exc:
-            raise BrokenArenaError(
-                f"the arena lock {name} no longer exists: the store's owner "
-                f"closed it or exited") from exc
+    def initialize(cls, memory) -> "RobustMutex":
+        """Initialise a new mutex in *memory* (nobody may use it yet)."""
+        mutex = cls(memory)
+        fns = mutex._fns
+        attr = ctypes.create_string_buffer(64)        # pthread_mutexattr_t is 4 or 8
+        checks = [fns.attr_init(attr),
+                  fns.attr_settype(attr, _PTHREAD_MUTEX_ERRORCHECK),
+                  fns.attr_setpshared(attr, _PTHREAD_PROCESS_SHARED),
+                  fns.attr_setrobust(attr, _PTHREAD_MUTEX_ROBUST),
+                  fns.init(memory, attr)]
+        fns.attr_destroy(attr)
+        failed = next((rc for rc in checks if rc), 0)
+        if failed:
+            raise OSError(failed, f"cannot initialise the store's robust mutex: "
+                                  f"{os.strerror(failed)}")
+        return mutex
 
-    def try_acquire(self) -> bool:
-        try:
-            self._sem.acquire(0)
-        except posix_ipc.BusyError:
-            return False
-        return True
+    def acquire_for(self, seconds: float) -> int:
+        deadline = time.clock_gettime(self._fns.clock) + seconds
+        sec = int(deadline)
+        ts = _Timespec(sec, int((deadline - sec) * 1e9))
+        return self._fns.timedlock(self._memory, ctypes.byref(ts))
 
-    def acquire(self, timeout: float) -> bool:
-        try:
-            self._sem.acquire(timeout)
-        except posix_ipc.BusyError:
-            return False
-        return True
-
-    def release(self) -> None:
-        self._sem.release()
+    def make_consistent(self) -> int:
+        return self._fns.consistent(self._memory)
 
     def close(self) -> None:
-        try:
-            self._sem.close()
-        except posix_ipc.ExistentialError:
-            pass
+        """Let go of the shared memory (the mapping may then be unmapped).
+        Never call it while holding the mutex.  A call after this one acts
+        on a private stand-in, never on unmapped memory."""
+        self.closed = True
+        self._bind((ctypes.c_char * MUTEX_SIZE)())     # all zeros: a valid mutex
 
-    def unlink(self) -> None:
-        try:
-            posix_ipc.unlink_semaphore(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+    def owner_tid(self) -> int:
+        """Thread id of the holder (0: free, or its holder died), as the
+        holder's PID namespace numbers it."""
+        return self._word.value & FUTEX_TID_MASK

@@ -1,7 +1,7 @@
 """Helpers for testing code that uses shmpool (and shmpool's own tests).
 
-The one sanctioned place that looks at internals: what a process holds in
-``/dev/shm``, and the invariant checks of a store.
+The one sanctioned place that looks at internals: what is in ``/dev/shm``,
+and the invariant checks of a store.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import _default_store, _posix, _tracker
+from . import _default_store, _posix
 from ._serialization import ObjectStore
 from ._store import RawStore, StoreStatistics
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 __all__ = [
     "live_names",
     "leaked_names",
-    "sweep_dead_owners",
     "check_invariants",
     "raw_store",
     "pool_store",
@@ -37,29 +36,33 @@ __all__ = [
 
 
 def live_names() -> set[str]:
-    """Every shmpool name currently in ``/dev/shm`` (semaphores and segments)."""
-    return {name for name, _ in _posix.leftover_names()}
+    """Every shmpool-shaped name (``shmp_<pid>_<hex>``, ``sem.`` prefixed or
+    not) now in ``/dev/shm``, whoever made it.  shmpool itself creates no
+    names, so one that appears comes from an older version (another
+    process on the machine may run one), or is a test's stand-in for
+    another user's name."""
+    return _posix.shmpool_names()
 
 
 def leaked_names(since: set[str], timeout: float = 5.0) -> set[str]:
-    """Names that appeared after the snapshot *since*, are owned by this
-    process or by a dead one, and are still there after waiting up to
-    *timeout* seconds for them to go (the resource tracker, another process,
-    may take a moment).  Names of other live processes (a parallel test
-    worker) are not this process's leaks."""
+    """Names of ``live_names()`` that appeared after the snapshot *since*,
+    carry this process's pid or a dead process's, and are still there after
+    waiting up to *timeout* seconds for them to go.  A name carrying a live
+    process's pid is that process's (another program using shmpool), not a
+    leak of this one.  (A test heuristic only: shmpool itself never judges a
+    name by its pid.)"""
     me = os.getpid()
     deadline = time.monotonic() + timeout
     while True:
-        extra = {name for name, pid in _posix.leftover_names()
-                 if name not in since and (pid == me or not _posix.process_is_alive(pid))}
+        extra = {name for name in live_names() - since
+                 if (pid := _pid_in(name)) == me or not _posix.process_is_alive(pid)}
         if not extra or time.monotonic() >= deadline:
             return extra
         time.sleep(0.05)      # polling a directory; there is no event to wait on
 
 
-def sweep_dead_owners() -> list[str]:
-    """Remove names left by dead owners now (normally done on first start)."""
-    return _tracker.sweep_dead_owners(force=True)
+def _pid_in(name: str) -> int:
+    return int(name.split("_")[1])
 
 
 def raw_store(store: ObjectStore | RawStore) -> RawStore:

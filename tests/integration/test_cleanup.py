@@ -7,10 +7,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 
 import pytest
 
+import shmpool
 from shmpool import testing
 
 from conftest import DEADLOCK_TIMEOUT
@@ -75,23 +75,39 @@ def test_owner_leaves_nothing_behind(how):
     proc, names = _run_owner(how)
     expected_rc = {"close": 0, "exit": 0, "exception": 1, "sigkill": -signal.SIGKILL}[how]
     assert proc.returncode == expected_rc, proc.stderr
-    # While it lived, the store had exactly one name, its semaphore: the
-    # segment is unlinked at birth and passed by descriptor.
-    assert len(names) == 1 and names[0].startswith("sem:/shmp_"), names
+    # While it lived, the store had no name at all: the segment never has
+    # one and is passed by descriptor; the lock lives inside the segment.
+    assert names == [], names
     assert not testing.leaked_names(since=before, timeout=10.0)
 
 
-def test_names_are_private_to_their_user(store):
-    sem_names = [n for n in testing.live_names() if f"_{os.getpid()}_" in n]
-    assert sem_names
-    for name in sem_names:
-        path = "/dev/shm/sem." + name.split(":/", 1)[1]
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert len(name.rsplit("_", 1)[1]) == 16       # 64 random bits
+def _open_segments() -> dict[str, os.stat_result]:
+    """The shared-memory files this process has open, by /proc link text."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith(("/dev/shm/", "/memfd:")):
+                found[link] = os.stat(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass                                   # closed meanwhile
+    return found
+
+
+def test_a_store_has_no_name_and_only_its_user_can_open_it():
+    before_names, before_segments = testing.live_names(), _open_segments()
+    with shmpool.ObjectStore(64 << 20):
+        new = {link: st for link, st in _open_segments().items()
+               if link not in before_segments}
+        assert testing.live_names() == before_names
+    assert len(new) == 1, new
+    (link, st), = new.items()
+    assert st.st_nlink == 0, f"{link} has a name"
+    assert stat.S_IMODE(st.st_mode) == 0o600
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_sigkill_of_whole_process_group_is_swept_on_next_start(method, tmp_path):
+def test_sigkill_of_whole_process_group_leaves_nothing(method, tmp_path):
     script = tmp_path / "group.py"           # a file: spawn children import it
     script.write_text(GROUP)
     before = testing.live_names()
@@ -105,13 +121,8 @@ def test_sigkill_of_whole_process_group_is_swept_on_next_start(method, tmp_path)
         proc.stdout.close()
         proc.stdin.close()
     # Every process that could clean up is dead (the resource tracker is in
-    # the group too), so the semaphore's name is still there ...
-    assert testing.leaked_names(since=before, timeout=0)
-    # ... until the next start sweeps names whose owner is dead.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        testing.sweep_dead_owners()
-    assert not testing.leaked_names(since=before, timeout=DEADLOCK_TIMEOUT / 6)
+    # the group too), and nothing was left to clean up: no start-up sweep.
+    assert not [n for n in testing.live_names() - before if f"_{proc.pid}_" in n]
 
 
 def test_attached_reader_keeps_working_after_owner_is_killed(tmp_path):

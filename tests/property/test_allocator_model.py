@@ -36,10 +36,8 @@ from shmpool._allocator import (
     ALIGNMENT,
     BLOCK_HEADER,
     BLOCK_OVERHEAD,
-    FIT_SCAN_LIMIT,
     MIN_BLOCK,
     FreeListAllocator,
-    _size_class,
     block_size_for,
 )
 from shmpool._arena import Arena
@@ -63,22 +61,13 @@ def _pattern(off: int, serial: int) -> int:
 
 
 def _assert_allocation_could_fail(alloc: FreeListAllocator, nbytes: int) -> None:
-    """try_allocate(nbytes) returned None: assert the allocator's own promise
-    (a free block in a larger class always fits; the exact class is searched
-    FIT_SCAN_LIMIT deep) really leaves no block it should have used."""
+    """try_allocate(nbytes) returned None: assert that no free block could
+    have held it (the allocator's promise: if one can, the request gets it)."""
     need = block_size_for(nbytes)
-    cls = _size_class(need)
-    same_class = [size for _, size, used in alloc._walk()
-                  if not used and _size_class(size) == cls]
-    larger = [size for _, size, used in alloc._walk()
-              if not used and _size_class(size) > cls]
-    assert not larger, (
+    fitting = [size for _, size, used in alloc._walk() if not used and size >= need]
+    assert not fitting, (
         f"allocating {nbytes} bytes (block {need}) failed although free blocks "
-        f"{larger} of a larger class exist")
-    if len(same_class) <= FIT_SCAN_LIMIT:
-        assert all(size < need for size in same_class), (
-            f"allocating {nbytes} bytes (block {need}) failed although free "
-            f"blocks {same_class} of its class fit")
+        f"{fitting} fit")
 
 
 # ---------------------------------------------------------------------------
