@@ -259,7 +259,7 @@ class ObjectStore:
             if kind == _INLINE:
                 buffers.append(view[a:a + b])
             else:
-                inner = self.raw.get(ObjectRef(ref.token, a, b))
+                inner = self.raw.get_dependency(ref, ObjectRef(ref.token, a, b))
                 buffers.append(inner[c:c + d])
         start = _FRAME_HEADER.size + _ENTRY.size * count
         try:
