@@ -100,7 +100,7 @@ def test_fork_child_inherited_view_survives_parent_dropping_it_at_start():
             view = store.get(ref)
             store.release(ref)
             del ref
-            go, out = ctx.Event(), ctx.SimpleQueue()
+            go, out = ctx.Event(), ctx.Queue()
             child = ctx.Process(target=_check_inherited_view,
                                 args=(view, _digest(view), go, out))
             child.start()
@@ -109,7 +109,7 @@ def test_fork_child_inherited_view_survives_parent_dropping_it_at_start():
             for i in range(8):            # reuse whatever was freed
                 store.release(store.put(np.full(MiB // 8, float(i))))
             go.set()
-            outcomes.append(out.get())
+            outcomes.append(out.get(timeout=DEADLOCK_TIMEOUT))
             child.join(DEADLOCK_TIMEOUT)
         assert outcomes == ["intact"] * len(outcomes)
         settled = testing.settled_statistics(store, baseline)
@@ -225,7 +225,10 @@ def test_delete_of_a_referenced_object_keeps_the_referrer_readable(store):
 
 
 def _read_referrer(store, message, out):
-    out.put(float(store.decode(message)["inner"].sum()))
+    try:
+        out.put(float(store.decode(message)["inner"].sum()))
+    except Exception as exc:
+        out.put(repr(exc))
 
 
 def test_delete_of_a_referenced_object_keeps_the_referrer_readable_elsewhere(mp_context):
@@ -235,9 +238,9 @@ def test_delete_of_a_referenced_object_keeps_the_referrer_readable_elsewhere(mp_
         message = store.encode({"inner": view})
         del view
         store.delete(r1)
-        out = mp_context.SimpleQueue()
+        out = mp_context.Queue()
         child = mp_context.Process(target=_read_referrer, args=(store, message, out))
         child.start()
-        assert out.get() == MiB // 8
+        assert out.get(timeout=DEADLOCK_TIMEOUT) == MiB // 8
         child.join(DEADLOCK_TIMEOUT)
         assert child.exitcode == 0
