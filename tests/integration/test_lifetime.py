@@ -244,3 +244,66 @@ def test_delete_of_a_referenced_object_keeps_the_referrer_readable_elsewhere(mp_
         assert out.get(timeout=DEADLOCK_TIMEOUT) == MiB // 8
         child.join(DEADLOCK_TIMEOUT)
         assert child.exitcode == 0
+
+
+def _put_inherited_unsealed(store, arr, out):
+    try:
+        got = store.get(store.put(arr))
+        out.put(float(got.sum()))
+    except Exception as exc:
+        out.put(repr(exc))
+
+
+def test_fork_child_puts_parents_unsealed_array_as_a_copy():
+    ctx = _fork_context()
+    with shmpool.ObjectStore(16 * MiB) as store:
+        arr = store.empty(1000)
+        arr[:] = 1.0
+        out = ctx.Queue()
+        child = ctx.Process(target=_put_inherited_unsealed, args=(store, arr, out))
+        child.start()
+        assert out.get(timeout=DEADLOCK_TIMEOUT) == 1000.0
+        child.join(DEADLOCK_TIMEOUT)
+        assert arr.flags.writeable            # still the parent's to seal
+        arr[0] = 5.0
+        assert store.get(store.put(arr))[0] == 5.0
+
+
+def _report_inherited(view, want, go, out):
+    out.put(go.wait(DEADLOCK_TIMEOUT) and _digest(view) == want)
+
+
+def test_forks_from_two_threads_at_once_each_hold_what_they_inherit():
+    import threading
+    ctx = _fork_context()
+    with shmpool.ObjectStore(32 * MiB) as store:
+        baseline = store.statistics()
+        view = store.get(store.put(np.random.default_rng(1).random(MiB // 8)))
+        want = _digest(view)
+        go, out = ctx.Event(), ctx.Queue()
+        children = []
+
+        def start_some():
+            for _ in range(4):
+                child = ctx.Process(target=_report_inherited, args=(view, want, go, out))
+                child.start()
+                children.append(child)
+
+        threads = [threading.Thread(target=start_some) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        del view
+        gc.collect()
+        for i in range(4):
+            store.release(store.put(np.full(MiB // 8, float(i))))
+        go.set()
+        assert [out.get(timeout=DEADLOCK_TIMEOUT) for _ in children] == [True] * len(children)
+        for child in children:
+            child.join(DEADLOCK_TIMEOUT)
+        store.raw.reap_dead_processes()
+        after = testing.settled_statistics(store, baseline)
+        assert (after.live_objects, after.in_use) == (baseline.live_objects, baseline.in_use)
+        assert after.attached_processes == baseline.attached_processes
+        testing.check_invariants(store)
