@@ -52,6 +52,7 @@ import numpy as np
 
 from ._errors import (
     ObjectNotFoundError,
+    ObjectStateError,
     SerializationError,
     StoreFullError,
 )
@@ -199,11 +200,14 @@ class ObjectStore:
             if not nbytes:
                 return True
             found = raw_store.locate(_address(raw), nbytes) if raw_store.has_views else None
+            if found is not None and raw_store.state_of(found[0]) == "created":
+                try:
+                    raw_store.seal(found[0])
+                    _freeze(raw.obj)
+                except ObjectStateError:      # another process is creating it
+                    found = None              # (a fork child's inherited array): copy
             if found is not None:
                 ref, offset = found
-                if raw_store.state_of(ref) == "created":
-                    raw_store.seal(ref)
-                    _freeze(raw.obj)
                 entries.append((_EXTERNAL, ref, offset, nbytes))
                 return False
             if nbytes < threshold:
@@ -259,7 +263,7 @@ class ObjectStore:
             if kind == _INLINE:
                 buffers.append(view[a:a + b])
             else:
-                inner = self.raw.get(ObjectRef(ref.token, a, b))
+                inner = self.raw.get_dependency(ref, ObjectRef(ref.token, a, b))
                 buffers.append(inner[c:c + d])
         start = _FRAME_HEADER.size + _ENTRY.size * count
         try:
@@ -428,8 +432,9 @@ class ObjectStore:
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Detach this process (the owner: free the store).  Views already
-        handed out stay readable.  Idempotent."""
+        """Detach this process (the owner: free the store once every process
+        has).  Views already handed out stay valid, each holding its object
+        until it is dropped.  Idempotent."""
         self.raw.close()
 
     @property

@@ -20,7 +20,8 @@ Holds.  An object lives while somebody holds it:
   already lived in the store refers to it instead of copying it).
 
 When the last hold goes the block is freed at once, in whichever process
-drops it.  Views release their hold from a ``weakref.finalize`` on the
+drops it.  The rules that decide who holds what, and when, are the
+"Lifetime rules" below; each is kept by the code section of that name.  Views release their hold from a ``weakref.finalize`` on the
 buffer *exporter* (a ctypes array), never on a memoryview: numpy and
 memoryview re-export from the exporter, so it dies only with the last view.
 A finalizer may run inside the garbage collector while this thread already
@@ -30,11 +31,40 @@ such deferral, woken through a pipe) that takes the lock and releases it
 moments later.  So a release is never left waiting for a call that may not
 come (an idle worker makes none).
 
+Lifetime rules:
+
+1. *Only the creator aborts.*  A created, unsealed object is aborted when
+   its creating process drops its last hold on it (or dies, or closes);
+   any other holder of it (a fork child) only drops its hold.
+2. *Liveness is the kernel's.*  Each attached process has an index in the
+   process table and holds an ``fcntl`` open-file-description lock on the
+   byte of the arena file at its entry's offset (``_liveness``), through a
+   description of its own.  Index *i* is alive while that byte is locked;
+   the pid in the entry is only for reports.  A dead index is reaped:
+   its holds are released and the objects it was creating are aborted.
+   Reaping releases one process's holds, never another's.
+3. *Fork leaves no window.*  Before a fork, under the lock, the parent
+   claims an index for the child, sets that index's bit on every object
+   it holds, and locks the index's byte through a new description, which
+   the child inherits.  The parent closes its copy after the fork (a
+   failed fork thereby leaves a dead index, reaped like any other); the
+   child adopts the index and closes its copy of the parent's description.
+   So an inherited view holds its object from the fork on, and a child
+   killed at any moment is reaped exactly.
+4. *Close keeps what views show.*  ``close()`` releases the holds of owning
+   refs at once, but the holds of live views stay, each released with its
+   view; the mapping stays until the last one is gone, and then the
+   process's index is freed.  A dropped store does the same.
+5. *Delete hides, never frees under a referrer.*  ``delete`` makes ``get``
+   fail, but an object that depends on the deleted one keeps it, and reads
+   it through ``get_dependency``.
+
 Object table (one allocator block; native byte order)::
 
     +0  magic b"SHMPSTOR"   +8  last generation   +16 free slot head (index+1)
     +24 live objects        +32 fallbacks         +40 max objects
-    +64 process table: MAX_PROCESSES x u64 pid (0 = free)
+    +64 process table: MAX_PROCESSES x u64 pid (0 = free); the liveness
+        byte of index i is the first byte of its entry
     +64 + 8 * MAX_PROCESSES: slots, SLOT_SIZE bytes each:
         +0 generation  +8 block offset (free: next free index+1)  +16 data offset
         +24 nbytes     +32 state u32, retained u32    +40 holders (128-bit mask)
@@ -57,7 +87,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _posix
+from . import _liveness
 from ._allocator import FreeListAllocator
 from ._arena import Arena
 from ._errors import (
@@ -77,6 +107,7 @@ SLOT_SIZE = 64
 DEFAULT_SPACE_TIMEOUT = 2.0
 
 FREE, CREATED, SEALED, DELETED = 0, 1, 2, 3
+_VIEW, _REF = 0, 1                       # kinds of local hold
 _STATE_NAMES = {FREE: "free", CREATED: "created", SEALED: "sealed", DELETED: "deleted"}
 
 _MAGIC = int.from_bytes(b"SHMPSTOR", "little")
@@ -262,54 +293,89 @@ class RawStore:
         self._max_objects = _U64.unpack_from(self._buf, table + _T_MAX)[0]
         self.token = arena.token
         self.space_timeout = space_timeout
-        self._closed = False
+        self._closed = False          # close() was called: the API refuses
+        self._detached = False        # and the last view is gone: nothing held here
         self._local: dict[tuple[int, int], int] = {}       # (slot, gen) -> holds here
-        self._deferred: list[tuple[int, int]] = []         # holds dropped by the GC
+        self._nviews = 0                                   # live exporters (views)
+        self._nrefs: dict[tuple[int, int], int] = {}       # (slot, gen) -> owning refs
+        # A hold's finalizer carries the epoch it was taken in; close() ends
+        # the refs' epoch, forget_inherited_holds() both.
+        self._view_epoch = 0
+        self._ref_epoch = 0
+        self._deferred: list = []          # (key, kind, epoch) dropped by the GC
+        self._forks: dict[int, tuple[int, int]] = {}       # thread -> (index, fd) for a child
         self._exports: dict[int, tuple[int, int, int, int]] = {}  # addr -> end, slot, gen, data
         self._export_starts: list[int] | None = None
         self._drainer: tuple[threading.Thread, int] | None = None  # thread, pipe write end
         self._drainer_starting = threading.Lock()
         self._pid = os.getpid()
         alloc.add_repair_hook(self._repair_locked)
-        with alloc.locked():
-            self._index = self._claim_process_index_locked()
-        _open_stores.add(self)
+        with _fd_guard:
+            self._live_fd = _liveness.open_private(arena.fileno())
+            try:
+                with alloc.locked():
+                    self._index = self._claim_process_index_locked(self._live_fd)
+            except BaseException:
+                os.close(self._live_fd)
+                raise
+            _open_stores.add(self)
         self._close_at_exit()
 
     def _close_at_exit(self) -> None:
         # multiprocessing runs these finalizers when a worker process ends
         # (it leaves by os._exit, which skips atexit) and at interpreter
         # exit; the lowest priority runs them after pools have stopped.
-        util.Finalize(self, RawStore.close, args=(self,), exitpriority=-10)
+        util.Finalize(self, RawStore._exit, args=(self,), exitpriority=-10)
         util.register_after_fork(self, RawStore._close_at_exit)
+
+    def _exit(self) -> None:
+        """The process is ending: close, and let go of what its views still
+        hold too, so that others need not wait for a reap to get it back."""
+        self.close()
+        if not self._detached and self._pid == os.getpid():
+            self._nviews = 0
+            self._finish_close(blocking=True)
 
     def __reduce__(self):
         self._check_open()
         return (RawStore._attach, (self._arena, self._table, self.space_timeout))
 
-    # -- process table -----------------------------------------------------
+    # -- Lifetime rules (see the module docstring) -------------------------
 
     def _proc_at(self, index: int) -> int:
+        """Arena offset of process *index*'s entry; also its liveness byte."""
         return self._table + _PROC_TABLE + 8 * index
 
-    def _claim_process_index_locked(self) -> int:
-        free = None
+    def _alive(self, index: int) -> bool:
+        """Rule 2: index *index* (not this store's own) is alive while a
+        description other than ours locks its byte."""
+        return _liveness.is_held(self._live_fd, self._proc_at(index))
+
+    def _claim_process_index_locked(self, fd: int) -> int:
+        """Rule 2: take a free index for the process whose liveness
+        description is *fd* (reaping dead ones on the way) and lock its byte
+        through *fd*.  The entry gets this process's pid.
+
+        Raises:
+            StoreFullError: MAX_PROCESSES indexes are alive.
+        """
         for index in range(MAX_PROCESSES):
-            pid = _U64.unpack_from(self._buf, self._proc_at(index))[0]
-            if pid and not _posix.process_is_alive(pid):
-                self._release_process_locked(index)
-                pid = 0
-            if not pid and free is None:
-                free = index
-        if free is None:
-            raise StoreFullError(
-                f"{MAX_PROCESSES} live processes are attached to this store; "
-                f"no more can attach (use fewer worker processes)")
-        self._put64(self._proc_at(free), os.getpid())
-        return free
+            at = self._proc_at(index)
+            if _liveness.is_held(fd, at):
+                continue          # alive, or leaving (entry cleared, fd not yet closed)
+            if self._words[at >> 3]:
+                self._release_process_locked(index)      # it died
+            if _liveness.try_hold(fd, at):
+                self._put64(at, os.getpid())
+                return index
+        raise StoreFullError(
+            f"{MAX_PROCESSES} live processes are attached to this store; "
+            f"no more can attach (use fewer worker processes)")
 
     def _release_process_locked(self, index: int) -> None:
-        """Drop every process hold of process *index* and free its entry."""
+        """Release every hold process *index* has, abort the objects it was
+        creating (rule 1), and free its entry.  Touches no other index's
+        bits (rule 2)."""
         word, bit = (5, 1 << index) if index < 64 else (6, 1 << (index - 64))
         words = _slot_words(self._buf, self._slots, self._max_objects)
         held = np.flatnonzero(words[:, word] & np.uint64(bit)).tolist()
@@ -317,26 +383,189 @@ class RawStore:
         for slot in held:
             at = self._slot_at(slot)
             self._put64(at + 40 + 8 * (word - 5),
-                           _U64.unpack_from(self._buf, at + 40 + 8 * (word - 5))[0] & ~bit)
-            if _U32.unpack_from(self._buf, at + 32)[0] == CREATED:
-                self._put32(at + 32, DELETED)       # a dead creator aborts
+                        _U64.unpack_from(self._buf, at + 40 + 8 * (word - 5))[0] & ~bit)
+            self._abort_if_creator_locked(slot, index)
         for slot in held:
             self._maybe_free_locked(slot)
         self._put64(self._proc_at(index), 0)
 
+    def _abort_if_creator_locked(self, slot: int, index: int) -> None:
+        """Rule 1: process *index* let go of *slot*; if it is the creator of
+        an unsealed object there, that object is aborted."""
+        at = self._slot_at(slot)
+        if (_U32.unpack_from(self._buf, at + 32)[0] == CREATED
+                and _U32.unpack_from(self._buf, at + 56)[0] == index):
+            self._put32(at + 32, DELETED)
+
     def reap_dead_processes(self) -> int:
         """Release every hold of every attached process that has died, and
-        abort the objects they were still writing.  Returns how many were
+        abort the objects they were still creating.  Returns how many were
         reaped.  Call it when a worker is known to have died."""
-        self._check_open()
         reaped = 0
-        with self._alloc.locked():
+        with self._locked():
             for index in range(MAX_PROCESSES):
-                pid = _U64.unpack_from(self._buf, self._proc_at(index))[0]
-                if pid and not _posix.process_is_alive(pid):
+                if (index != self._index and self._words[self._proc_at(index) >> 3]
+                        and not self._alive(index)):
                     self._release_process_locked(index)
                     reaped += 1
         return reaped
+
+    def _before_fork(self) -> None:
+        """Rule 3, in the forking thread before the fork: claim the child's
+        index, hold everything this process holds under it too, and lock
+        its byte through a description the child will inherit."""
+        if self._detached or self._pid != os.getpid():
+            return
+        fd = _liveness.open_private(self._arena.fileno())
+        try:
+            with _DrainingLock(self):
+                index = self._claim_process_index_locked(fd)
+                bit = 1 << index
+                for slot, gen in self._local:
+                    if _U64.unpack_from(self._buf, self._slot_at(slot))[0] == gen:
+                        self._set_holders(slot, self._holders(slot) | bit)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._forks[threading.get_ident()] = (index, fd)
+
+    def _after_fork_in_parent(self) -> None:
+        claimed = self._forks.pop(threading.get_ident(), None)
+        if claimed is not None:
+            os.close(claimed[1])      # the child's copy keeps the index alive
+
+    def _after_fork_in_child(self) -> None:
+        claimed = self._forks.pop(threading.get_ident(), None)
+        for _, fd in self._forks.values():          # other threads' children's
+            os.close(fd)
+        self._forks = {}
+        self._pid = os.getpid()
+        if self._drainer is not None:         # the thread did not survive fork
+            os.close(self._drainer[1])
+            self._drainer = None
+        self._drainer_starting = threading.Lock()
+        if self._live_fd is not None:
+            os.close(self._live_fd)           # the parent's: it must not look alive
+            self._live_fd = None
+        if claimed is None:
+            # The parent could not claim an index for this process (all
+            # taken, or the store broke): nothing here is held, so the store
+            # is unusable in this process.
+            self._closed = self._detached = True
+            self._local.clear()
+            _open_stores.discard(self)
+            return
+        self._index, self._live_fd = claimed
+        self._put64(self._proc_at(self._index), self._pid)   # only ours writes it
+        if self._deferred:
+            self._wake_drainer()
+
+    def forget_inherited_holds(self) -> None:
+        """Give up every hold this process has, inherited through fork
+        included, as one call made first thing in a new process.
+
+        For processes that get their store data as arguments, as a pool
+        worker does: the parent's objects are then freed when the parent
+        drops them, instead of living as long as the child.  Views the child
+        inherited must not be used afterwards; nor can they be put again
+        without a copy.
+        """
+        with self._locked():
+            self._release_process_locked(self._index)
+            self._put64(self._proc_at(self._index), os.getpid())
+            self._forget_local_holds()
+
+    def _forget_local_holds(self) -> None:
+        """Forget this process's local counts; finalizers of the holds they
+        counted find their epoch ended and do nothing."""
+        self._local.clear()
+        self._nrefs.clear()
+        self._nviews = 0
+        self._view_epoch += 1
+        self._ref_epoch += 1
+        self._deferred.clear()
+        self._exports.clear()
+        self._export_starts = None
+
+    def close(self) -> None:
+        """Detach this process from the store.  Idempotent; never blocks
+        for longer than the lock takes.
+
+        Owning refs made here stop holding their objects now (rule 4), and
+        every method but this one raises ClosedError from now on.  Views
+        already handed out stay valid: each keeps its object until it is
+        dropped, and the mapping and this process's index stay until the
+        last one is.  In the owner, the store's memory goes once every
+        process has let go.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid or self._arena.closed:
+            self._detach()
+            return
+        try:
+            with _DrainingLock(self):
+                for key, n in list(self._nrefs.items()):
+                    for _ in range(n):
+                        self._unhold_locked(key)
+                self._nrefs.clear()
+                self._ref_epoch += 1
+        except Exception:
+            pass       # a broken arena must not stop the close
+        self._finish_close(blocking=True)
+
+    def _finish_close(self, *, blocking: bool) -> bool:
+        """Rule 4: once closed and without views, free this process's index
+        and drop the mapping.  With *blocking* False (a finalizer), never
+        waits: returns False if the drainer thread must do it instead."""
+        if not self._closed or self._detached or self._nviews:
+            return True
+        drainer = self._drainer
+        if drainer is not None and drainer[0] is not threading.current_thread():
+            if not blocking:
+                return False                 # only a join makes the lock safe to drop
+            self._stop_drainer()             # before the guard: it may want the guard
+        if not _fd_guard.acquire(blocking):
+            return False
+        try:
+            if self._detached or self._nviews:
+                return True
+            try:
+                if blocking:
+                    self._alloc.lock()
+                elif not self._alloc.try_lock():
+                    return False
+                try:
+                    self._drain_deferred_locked()
+                    if self._nviews:
+                        return True
+                    self._release_process_locked(self._index)
+                finally:
+                    self._alloc.unlock()
+            except Exception:
+                pass       # a broken arena must not stop the close
+            self._detach()
+        finally:
+            _fd_guard.release()
+        return True
+
+    def _detach(self) -> None:
+        """Drop this process's liveness description and mapping."""
+        self._detached = True
+        _open_stores.discard(self)
+        if self._drainer is not None:
+            os.close(self._drainer[1])        # the drainer reads EOF and exits
+            self._drainer = None
+        if self._live_fd is not None:
+            os.close(self._live_fd)
+            self._live_fd = None
+        self._local.clear()
+        self._nrefs.clear()
+        self._deferred.clear()
+        self._exports.clear()
+        self._export_starts = None
+        self._arena.close()
 
     # -- slots -------------------------------------------------------------
 
@@ -427,6 +656,12 @@ class RawStore:
         self._put64(at, _U64.unpack_from(self._buf, at)[0] + delta)
 
     # -- local holds -------------------------------------------------------
+    #
+    # A process's holds are counted here, per object: each live view (an
+    # exporter) and each owning ref counts one; the process's bit in the
+    # slot is set while the count is above 0.  Views and refs are also
+    # counted apart, so that close() can drop the refs' holds and keep the
+    # views' (rule 4).
 
     def _hold_locked(self, slot: int, gen: int) -> None:
         key = (slot, gen)
@@ -445,25 +680,45 @@ class RawStore:
             slot, gen = key
             if _U64.unpack_from(self._buf, self._slot_at(slot))[0] == gen:
                 self._set_holders(slot, self._holders(slot) & ~(1 << self._index))
+                self._abort_if_creator_locked(slot, self._index)
                 self._maybe_free_locked(slot)
+
+    def _drop_hold_locked(self, key: tuple[int, int], kind: int, epoch: int) -> None:
+        """A view (kind _VIEW) or an owning ref (_REF) of *key* is gone;
+        a hold of an ended epoch was already let go."""
+        if kind == _VIEW:
+            if epoch != self._view_epoch:
+                return
+            self._nviews -= 1
+        else:
+            if epoch != self._ref_epoch:
+                return
+            left = self._nrefs.get(key, 0) - 1
+            if left > 0:
+                self._nrefs[key] = left
+            else:
+                self._nrefs.pop(key, None)
+        self._unhold_locked(key)
 
     def _drain_deferred_locked(self) -> None:
         while self._deferred:
-            self._unhold_locked(self._deferred.pop())
+            self._drop_hold_locked(*self._deferred.pop())
 
-    def _release_from_gc(self, key: tuple[int, int]) -> None:
+    def _release_from_gc(self, key: tuple[int, int], kind: int, epoch: int) -> None:
         # Runs from weakref.finalize: maybe inside the GC, maybe in a thread
         # that already holds the lock.  Never block here.
-        if self._closed or os.getpid() != self._pid:
+        if self._detached or os.getpid() != self._pid:
             return
         if self._alloc.try_lock():
             try:
                 self._drain_deferred_locked()
-                self._unhold_locked(key)
+                self._drop_hold_locked(key, kind, epoch)
             finally:
                 self._alloc.unlock()
+            if not self._finish_close(blocking=False):
+                self._wake_drainer()
         else:
-            self._deferred.append(key)
+            self._deferred.append((key, kind, epoch))
             self._wake_drainer()
 
     def _wake_drainer(self) -> None:
@@ -490,14 +745,15 @@ class RawStore:
 
     def _drain_forever(self, read_end: int) -> None:
         try:
-            while True:
+            while not self._detached:
                 if self._deferred:
                     try:
-                        with self._locked():
+                        with _DrainingLock(self):
                             pass              # entering drains the deferred releases
                     except Exception:         # broken meanwhile: close() reports it
                         pass
-                if not os.read(read_end, 4096):
+                self._finish_close(blocking=True)
+                if self._detached or not os.read(read_end, 4096):
                     return                    # close() closed the write end
         finally:
             os.close(read_end)
@@ -516,31 +772,39 @@ class RawStore:
         self._check_open()
         return _DrainingLock(self)
 
-    def _own(self, ref: ObjectRef) -> ObjectRef:
-        """Attach a process hold (taken by the caller) to a fresh ref object."""
-        owned = ObjectRef(ref.token, ref.slot, ref.generation)
-        owned._hold = weakref.finalize(owned, self._release_from_gc, (ref.slot, ref.generation))
+    def _own_locked(self, slot: int, gen: int) -> ObjectRef:
+        """A fresh owning ref whose life is one hold of this process."""
+        key = (slot, gen)
+        self._hold_locked(slot, gen)
+        self._nrefs[key] = self._nrefs.get(key, 0) + 1
+        owned = ObjectRef(self.token, slot, gen)
+        owned._hold = weakref.finalize(owned, self._release_from_gc, key, _REF, self._ref_epoch)
         owned._hold.atexit = False
         return owned
 
-    def _export(self, slot: int, gen: int, data: int, nbytes: int, *, writable: bool):
-        """A view of the object's data whose life holds the object."""
+    def _export_locked(self, slot: int, gen: int, data: int, nbytes: int, *,
+                       writable: bool, held: bool = False):
+        """A view of the object's data whose life is one hold of this
+        process (taken here, unless *held* says the caller took it)."""
+        if not held:
+            self._hold_locked(slot, gen)
         exporter = self._arena.export(data, nbytes)
         key = (slot, gen)
         start = self._arena.address + data
         self._exports[start] = (start + nbytes, slot, gen, data)
         self._export_starts = None
-        fin = weakref.finalize(exporter, self._drop_export, start, key)
+        self._nviews += 1
+        fin = weakref.finalize(exporter, self._drop_export, start, key, self._view_epoch)
         fin.atexit = False
         view = memoryview(exporter).cast("B")
         return view if writable else view.toreadonly()
 
-    def _drop_export(self, start: int, key: tuple[int, int]) -> None:
+    def _drop_export(self, start: int, key: tuple[int, int], epoch: int) -> None:
         entry = self._exports.get(start)
         if entry is not None and (entry[1], entry[2]) == key:
             del self._exports[start]
             self._export_starts = None
-        self._release_from_gc(key)
+        self._release_from_gc(key, _VIEW, epoch)
 
     # -- objects -----------------------------------------------------------
 
@@ -588,9 +852,8 @@ class RawStore:
                     f"a larger capacity=)")
             time.sleep(delay)        # waiting for another process to free space
             delay = min(delay * 2, 0.05)
-        slot, gen, data = made
-        ref = ObjectRef(self.token, slot, gen)
-        return ObjectBuilder(self, ref, self._export(slot, gen, data, nbytes, writable=True))
+        ref, view = made
+        return ObjectBuilder(self, ref, view)
 
     def _create_locked(self, total, deps_bytes, nbytes, depends_on):
         dep_fields = [self._validate_locked(d, SEALED, DELETED, CREATED) for d in depends_on]
@@ -623,26 +886,36 @@ class RawStore:
         self._put32(at + 56, self._index)
         self._put32(at + 60, len(depends_on))
         self._put32(at + 32, CREATED)
-        self._local[(slot, gen)] = 1      # the writable view's hold
         self._add_live(1)
-        return slot, gen, block + deps_bytes
+        self._local[(slot, gen)] = 1      # the writable view's hold (bit set above)
+        view = self._export_locked(slot, gen, block + deps_bytes, nbytes,
+                                   writable=True, held=True)
+        return ObjectRef(self.token, slot, gen), view
 
     def seal(self, ref: ObjectRef) -> ObjectRef:
         """Make a created object immutable and visible to ``get``; return an
         owning ref.  Raises ObjectStateError if it is not in created state."""
         with self._locked():
-            self._validate_locked(ref, CREATED)
+            self._validate_creator_locked(ref)
             self._put32(self._slot_at(ref.slot) + 32, SEALED)
-            self._hold_locked(ref.slot, ref.generation)
-        return self._own(ref)
+            return self._own_locked(ref.slot, ref.generation)
 
     def abort(self, ref: ObjectRef) -> None:
         """Discard a created object: as if it had never been created.  Its
-        memory returns once its writable views are gone."""
+        memory returns once its writable views are gone.  Only the creating
+        process may abort (or seal) an object (rule 1)."""
         with self._locked():
-            self._validate_locked(ref, CREATED)
+            self._validate_creator_locked(ref)
             self._put32(self._slot_at(ref.slot) + 32, DELETED)
             self._maybe_free_locked(ref.slot)
+
+    def _validate_creator_locked(self, ref: ObjectRef):
+        fields = self._validate_locked(ref, CREATED)
+        if fields[8] != self._index:
+            raise ObjectStateError(
+                f"{ref!r} is being created by another process: only its creator "
+                f"seals or aborts it (a fork child inherits the view, not the object)")
+        return fields
 
     def get(self, ref: ObjectRef) -> memoryview:
         """Return a read-only view of a sealed object's bytes, zero-copy.
@@ -656,8 +929,32 @@ class RawStore:
         """
         with self._locked():
             fields = self._validate_locked(ref, SEALED)
-            self._hold_locked(ref.slot, ref.generation)
-        return self._export(ref.slot, ref.generation, fields[2], fields[3], writable=False)
+            return self._export_locked(ref.slot, ref.generation, fields[2], fields[3],
+                                       writable=False)
+
+    def get_dependency(self, holder: ObjectRef, ref: ObjectRef) -> memoryview:
+        """Like ``get``, for *ref* read as part of *holder*, an object created
+        with *ref* in its ``depends_on`` that this process holds (a view or
+        an owning ref): works after ``delete(ref)`` too, since *holder*
+        keeps *ref*'s object (rule 5).
+
+        Raises:
+            ObjectNotFoundError: *holder* is not held here, or does not
+                depend on *ref*.
+        """
+        with self._locked():
+            hfields = self._validate_locked(holder, SEALED, DELETED)
+            if (holder.slot, holder.generation) not in self._local:
+                raise ObjectNotFoundError(
+                    f"{holder!r} is not held by this process (get() it first, "
+                    f"then read its dependencies)")
+            if ref.token != self.token or (ref.slot, ref.generation) not in [
+                    _DEP.unpack_from(self._buf, hfields[1] + 16 * i)
+                    for i in range(hfields[9])]:
+                raise ObjectNotFoundError(f"{holder!r} does not depend on {ref!r}")
+            fields = self._validate_locked(ref, SEALED, DELETED)
+            return self._export_locked(ref.slot, ref.generation, fields[2], fields[3],
+                                       writable=False)
 
     def contains(self, ref: ObjectRef) -> bool:
         """True if *ref* names a sealed, undeleted object of this store."""
@@ -675,6 +972,7 @@ class RawStore:
         Raises:
             ObjectStateError: *ref* owns no hold (borrowed, or released).
         """
+        self._check_open()
         if not ref.owned:
             raise ObjectStateError(
                 f"{ref!r} holds nothing in this process (it was released, or it "
@@ -715,9 +1013,9 @@ class RawStore:
             fields = self._validate_locked(ref, SEALED, DELETED)
             if not fields[5]:
                 raise ObjectStateError(f"{ref!r} has no retained count to adopt")
-            self._hold_locked(ref.slot, ref.generation)
+            owned = self._own_locked(ref.slot, ref.generation)
             self._put32(self._slot_at(ref.slot) + 36, fields[5] - 1)
-        return self._own(ref)
+        return owned
 
     # -- lookups -----------------------------------------------------------
 
@@ -847,6 +1145,20 @@ class RawStore:
                 listed.add(nxt - 1)
                 nxt = _U64.unpack_from(self._buf, self._slot_at(nxt - 1) + 8)[0]
             assert listed == free_slots, "free slot missing from the list"
+            # Lifetime rules: every holder bit names a claimed entry, and an
+            # object being created is held by its creator.
+            claimed = 0
+            for index in range(MAX_PROCESSES):
+                if _U64.unpack_from(self._buf, self._proc_at(index))[0]:
+                    claimed |= 1 << index
+            for slot in range(self._max_objects):
+                fields = self._read_slot(slot)
+                if fields[4] == FREE:
+                    continue
+                holders = fields[6] | fields[7] << 64
+                assert not holders & ~claimed, f"slot {slot} held by a free index"
+                if fields[4] == CREATED:
+                    assert holders >> fields[8] & 1, f"slot {slot} created by a non-holder"
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -860,81 +1172,11 @@ class RawStore:
         if self._pid != os.getpid():
             raise ClosedError("this store was not re-attached after fork")
 
-    def close(self) -> None:
-        """Detach this process: release its holds, drop its mapping.  In the
-        owner, also remove the store's name (other processes keep working
-        until they close too).  Views handed out stay readable.  Idempotent."""
-        if self._closed:
-            return
-        if os.getpid() == self._pid:
-            self._stop_drainer()              # before anything else uses the lock
-        if os.getpid() == self._pid and not self._arena.closed:
-            try:
-                if self._alloc.try_lock() or self._lock_quietly():
-                    try:
-                        self._release_process_locked(self._index)
-                    finally:
-                        self._alloc.unlock()
-            except Exception:
-                pass       # a broken arena must not stop the close
-        self._closed = True
-        _open_stores.discard(self)
-        self._local.clear()
-        self._deferred.clear()
-        self._exports.clear()
-        self._arena.close()
-
-    def _lock_quietly(self) -> bool:
-        self._alloc.lock()
-        return True
-
     def __enter__(self) -> "RawStore":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def forget_inherited_holds(self) -> None:
-        """Give up every hold this process inherited through fork.
-
-        For processes that get their store data as arguments, as a pool
-        worker does: the parent's objects are then freed when the parent
-        drops them, instead of living as long as the child.  Views the child
-        inherited must not be used afterwards; nor can they be put again
-        without a copy.
-        """
-        with self._locked():
-            self._release_process_locked(self._index)
-            self._put64(self._proc_at(self._index), os.getpid())
-            self._local.clear()
-            self._exports.clear()
-            self._export_starts = None
-
-    def _after_fork_in_child(self) -> None:
-        # The child inherits the parent's local holds (its views and owning
-        # refs are still alive here) but not the parent's process bit: take
-        # an index of its own and hold every inherited object under it.
-        self._pid = os.getpid()
-        if self._drainer is not None:         # the thread did not survive fork
-            os.close(self._drainer[1])
-            self._drainer = None
-        self._drainer_starting = threading.Lock()
-        pending = self._deferred
-        self._deferred = []
-        for key in pending:
-            count = self._local.get(key, 0) - 1
-            if count > 0:
-                self._local[key] = count
-            else:
-                self._local.pop(key, None)
-        with self._alloc.locked():
-            self._index = self._claim_process_index_locked()
-            bit = 1 << self._index
-            for slot, gen in list(self._local):
-                if _U64.unpack_from(self._buf, self._slot_at(slot))[0] == gen:
-                    self._set_holders(slot, self._holders(slot) | bit)
-                else:
-                    del self._local[(slot, gen)]
 
 
 class _DrainingLock:
@@ -957,10 +1199,36 @@ class _DrainingLock:
         self._store._alloc.unlock()
 
 
-def _after_fork_in_child() -> None:
+# Rule 3's hooks.  _fd_guard is held from before a fork until after it, and
+# while a store opens or closes its liveness description: a fork never
+# copies a description that is not yet, or no longer, recorded.  It is taken
+# before the arena lock, never after.
+_fd_guard = threading.Lock()
+
+
+def _before_fork() -> None:
+    _fd_guard.acquire()
     for store in list(_open_stores):
-        if not store.closed:
-            store._after_fork_in_child()
+        try:
+            store._before_fork()
+        except Exception:
+            pass        # the child finds that store unusable (_after_fork_in_child)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _after_fork_in_parent() -> None:
+    try:
+        for store in list(_open_stores):
+            store._after_fork_in_parent()
+    finally:
+        _fd_guard.release()
+
+
+def _after_fork_in_child() -> None:
+    global _fd_guard
+    _fd_guard = threading.Lock()           # the inherited one is held
+    for store in list(_open_stores):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
