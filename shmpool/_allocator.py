@@ -133,7 +133,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ._arena import HEADER_SIZE, Arena
+from ._arena import HEADER_SIZE, MUTEX_OFFSET, Arena
 from ._errors import (
     BrokenArenaError,
     ClosedError,
@@ -141,6 +141,7 @@ from ._errors import (
     ObjectStateError,
     StoreFullError,
 )
+from ._posix import FUTEX_TID_MASK
 
 __all__ = ["FreeListAllocator", "AllocatorStatistics", "BLOCK_OVERHEAD", "ALIGNMENT",
            "CLEAN_EXITS"]
@@ -171,6 +172,9 @@ CLEAN_EXITS = (ObjectNotFoundError, ObjectStateError, StoreFullError, ClosedErro
 _H_DIRTY, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
     HEADER_SIZE + 8 * i for i in range(8))
 _W_DIRTY, _W_SEQ = _H_DIRTY >> 3, _H_SEQ >> 3
+#: The mutex's futex word, as a u32 index: its low bits are the owner's
+#: thread id (glibc's layout, see _posix.FUTEX_TID_MASK).
+_W_FUTEX = MUTEX_OFFSET >> 2
 _H_TAKEOVERS = HEADER_SIZE + 64
 _H_REPAIRS = HEADER_SIZE + 72
 _H_HEADS = HEADER_SIZE + 128
@@ -284,6 +288,7 @@ class FreeListAllocator:
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
         self._words = arena.words
+        self._words32 = arena.words32
         self._mutex = arena.mutex
         self._section = _Section(self)
         self._repair_hooks: list = []
@@ -338,7 +343,7 @@ class FreeListAllocator:
         mutex = self._mutex
         if mutex.closed:
             raise ClosedError("the store's arena is closed in this process")
-        owner = mutex.owner_tid()
+        owner = self._words32[_W_FUTEX] & FUTEX_TID_MASK
         if owner and owner == threading.get_native_id():
             if _section_on_stack(sys._getframe(1)):
                 raise RuntimeError(
@@ -347,9 +352,25 @@ class FreeListAllocator:
             # No section of this thread is running: one was cut by an
             # exception after it took the lock and before it could let go.
             # Its state is dirty: repair, and hold the lock for this caller.
-            self._guarded(self._recover, 0)
-            return
-        self._guarded(self._acquire, True)
+            rc = 0
+        else:
+            rc = None
+        # Every step from here on runs under the except clauses below: an
+        # exception that escapes while this thread holds the mutex lets it go.
+        try:
+            if rc is None:
+                rc = mutex.try_acquire()
+            words = self._words
+            if rc or words[_W_DIRTY]:
+                self._enter_slowly(rc, wait=True)
+            else:
+                words[_W_DIRTY] = _pid
+                words[_W_SEQ] += 1      # one store, as every shared word
+        except _LockNotTaken:
+            raise
+        except BaseException:
+            self._let_go_surely()
+            raise
 
     def try_lock(self) -> bool:
         """Take the lock if it is free right now; never blocks (it may
@@ -358,10 +379,25 @@ class FreeListAllocator:
         mutex = self._mutex
         if mutex.closed:
             raise ClosedError("the store's arena is closed in this process")
-        owner = mutex.owner_tid()
+        owner = self._words32[_W_FUTEX] & FUTEX_TID_MASK
         if owner and owner == threading.get_native_id():
             return False
-        return self._guarded(self._acquire, False)
+        try:
+            rc = mutex.try_acquire()
+            words = self._words
+            if not (rc or words[_W_DIRTY]):
+                words[_W_DIRTY] = _pid
+                words[_W_SEQ] += 1
+                return True
+            if rc == errno.EBUSY:
+                return False
+            self._enter_slowly(rc, wait=False)
+            return True
+        except _LockNotTaken:
+            raise
+        except BaseException:
+            self._let_go_surely()
+            raise
 
     def unlock(self, *, consistent: bool = True) -> None:
         """Release the lock.  *consistent*: the section left the shared state
@@ -383,30 +419,18 @@ class FreeListAllocator:
                 f"unlock() of the store lock by thread {threading.get_native_id()}, "
                 f"which does not hold it ({errno.errorcode.get(rc, rc)})")
 
-    def _guarded(self, step, arg):
-        """``step(arg)``; if an exception escapes it while this thread holds
-        the mutex, release the mutex with the dirty word set."""
-        try:
-            return step(arg)
-        except _LockNotTaken:
-            raise
-        except BaseException:
-            self._let_go_surely()
-            raise
-
-    def _acquire(self, wait: bool) -> bool:
-        rc = self._mutex.try_acquire()
+    def _enter_slowly(self, rc: int, *, wait: bool) -> None:
+        """After ``try_acquire()`` returned *rc*, when it is not the fast
+        case: wait for a busy mutex (or refuse, without *wait*), then record
+        the hold and repair if the mutex's owner died or the word is dirty."""
         if rc not in _TAKEN:
-            if not wait and rc == errno.EBUSY:
-                return False
             rc = self._wait(rc) if wait else self._refuse(rc)
         words = self._words
         if rc or words[_W_DIRTY]:
             self._recover(rc)
         else:
             words[_W_DIRTY] = _pid
-            words[_W_SEQ] += 1          # one store, as every shared word
-        return True
+            words[_W_SEQ] += 1
 
     def locked(self) -> _Section:
         """``with allocator.locked():`` runs the body holding the lock; see
