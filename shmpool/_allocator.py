@@ -108,8 +108,9 @@ processes as a kernel object that only ``IPC_RMID`` removes).
   except a ``before`` fork hook (``os.register_at_fork``) that takes it so
   that nothing changes across the fork: the parent's ``after_in_parent``
   hook releases it; the child, which does not own it (the owner is the
-  parent's thread), must not, and locks like any other process.  glibc
-  gives the child an empty robust list.
+  parent's thread), must not, and locks like any other process.  In
+  between, no other hook may call ``lock()``: it would take the hook's
+  hold for a cut section.  glibc gives the child an empty robust list.
 - **PID namespaces.**  The owner is recorded as a thread id of the holder's
   namespace; processes that share a store should share one, or two threads
   with equal ids could each take the other for itself.
@@ -333,12 +334,15 @@ class FreeListAllocator:
 
         Blocks until the lock is free, returning to Python every LOCK_SLICE
         seconds (signal handlers run; a KeyboardInterrupt ends the wait).
+        If the calling thread holds the lock already while no section of
+        the allocator or the store runs further up its stack, an interrupt
+        cut its last section short: the lock is repaired and stays held.
 
         Raises:
             BrokenArenaError: a live holder kept the lock for LOCK_TIMEOUT
                 seconds, or the arena's memory is corrupt.
             ClosedError: the arena is closed in this process.
-            RuntimeError: the calling thread already holds the lock.
+            RuntimeError: called inside a running section of this thread.
         """
         mutex = self._mutex
         if mutex.closed:
