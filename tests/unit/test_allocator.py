@@ -1,5 +1,6 @@
 """FreeListAllocator in one process: the fit search and the lock protocol."""
 
+import contextlib
 import threading
 
 import pytest
@@ -92,12 +93,31 @@ def test_unlock_not_consistent_leaves_the_repair_to_the_next_holder(alloc):
     assert alloc.statistics().repairs == 1
 
 
-def test_lock_by_the_holding_thread_raises_and_try_lock_says_no(alloc):
-    with alloc.locked():
-        with pytest.raises(RuntimeError, match="already holds"):
+def test_lock_inside_a_running_section_raises_and_try_lock_says_no(alloc):
+    refused = []
+
+    def hook():                 # runs inside the allocator's own section
+        with pytest.raises(RuntimeError, match="already holds") as info:
             alloc.lock()
+        refused.append(info.value)
         assert alloc.try_lock() is False
-    assert alloc.try_lock()
+
+    alloc.add_repair_hook(hook)
+    alloc.lock()
+    alloc.unlock(consistent=False)
+    with alloc.locked():        # repairs, so runs the hook
+        assert alloc.try_lock() is False
+    assert len(refused) == 1
+
+
+def test_lock_by_a_thread_whose_section_was_cut_repairs_and_goes_on(alloc):
+    # As after an interrupt at the entry of __exit__: this thread holds the
+    # lock, the dirty word is set, and no section of it is running.
+    alloc.lock()
+    alloc.lock()
+    assert alloc.statistics().repairs == 1
+    alloc.unlock()
+    assert alloc.try_lock()     # released: the thread held it once, not twice
     alloc.unlock()
 
 
@@ -120,7 +140,9 @@ def test_unlock_by_a_thread_that_does_not_hold_it_raises(alloc):
     assert len(errors) == 1
 
 
-def test_try_lock_never_blocks_on_another_thread(alloc):
+@contextlib.contextmanager
+def _held_by_another_thread(alloc):
+    """Run the body while another thread holds the lock; yield that thread."""
     taken, done = threading.Event(), threading.Event()
 
     def holder():
@@ -132,10 +154,15 @@ def test_try_lock_never_blocks_on_another_thread(alloc):
     thread.start()
     try:
         assert taken.wait(DEADLOCK_TIMEOUT)
-        assert alloc.try_lock() is False
+        yield thread
     finally:
         done.set()
         thread.join(DEADLOCK_TIMEOUT)
+
+
+def test_try_lock_never_blocks_on_another_thread(alloc):
+    with _held_by_another_thread(alloc):
+        assert alloc.try_lock() is False
     assert alloc.try_lock()
     alloc.unlock()
 
@@ -144,23 +171,10 @@ def test_a_holder_past_the_timeout_is_named_and_never_robbed(alloc, monkeypatch)
     from shmpool import _allocator
     monkeypatch.setattr(_allocator, "LOCK_TIMEOUT", 0.3)
     monkeypatch.setattr(_allocator, "LOCK_SLICE", 0.05)
-    taken, done = threading.Event(), threading.Event()
-
-    def holder():
-        with alloc.locked():
-            taken.set()
-            done.wait(DEADLOCK_TIMEOUT)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert taken.wait(DEADLOCK_TIMEOUT)
+    with _held_by_another_thread(alloc) as thread:
         with pytest.raises(BrokenArenaError, match=rf"held by pid \d+ \(thread {thread.native_id}\)"):
             alloc.lock()
         assert alloc.statistics().repairs == 0
-    finally:
-        done.set()
-        thread.join(DEADLOCK_TIMEOUT)
     with alloc.locked():
         alloc._check_invariants()
     assert (alloc.statistics().repairs, alloc.statistics().lock_takeovers) == (0, 0)
