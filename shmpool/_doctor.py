@@ -11,8 +11,12 @@ cannot start a process.  Each check reads the machine and prints one line::
 
 The exit status is 0 when a default Pool can run (no ``FAIL`` line), 1
 otherwise.  The doctor only reads: it never removes a name, and it creates
-nothing but one semaphore (unlinked at once) and trivial child processes.
-It creates no store, so it does not sweep what dead owners left either.
+nothing but one nameless segment and one semaphore (both gone at once) and
+trivial child processes.
+
+A store itself owns no name in ``/dev/shm`` (its segment is a nameless file,
+its lock lives inside it), so what the doctor reports of names concerns
+``multiprocessing``'s own semaphores and names left by earlier versions.
 """
 
 from __future__ import annotations
@@ -224,15 +228,27 @@ def shm_space(capacity: int, shm_dir: str = _posix.SHM_DIR, root: str = "/",
     return Check(name, FAIL, detail, fix)
 
 
-def named_semaphore() -> Check:
-    """Whether this process may create the store's lock, a named semaphore."""
+def segment() -> Check:
+    """Whether this process may create a store's nameless segment."""
     try:
-        sem = _posix.NamedSemaphore.create()
+        fd = _posix.create_segment(MIB)
+    except Exception as exc:                       # noqa: BLE001 - reported
+        return Check("segment", FAIL, f"cannot create a shared-memory segment: {exc}",
+                     f"make {_posix.SHM_DIR} a writable tmpfs")
+    os.close(fd)
+    return Check("segment", OK, "a nameless shared-memory segment can be created")
+
+
+def named_semaphore() -> Check:
+    """Whether multiprocessing can make its named semaphores (the queues'
+    counters, Lock, Event): sem_open creates them in /dev/shm."""
+    try:
+        # Under fork the standard library unlinks the name at once, and
+        # starts no resource tracker.
+        multiprocessing.get_context("fork").Lock()
     except Exception as exc:                       # noqa: BLE001 - reported
         return Check("semaphore", FAIL, f"cannot create a POSIX named semaphore: {exc}",
                      f"make {_posix.SHM_DIR} a writable tmpfs (sem_open creates sem.* there)")
-    sem.unlink()
-    sem.close()
     return Check("semaphore", OK, "a POSIX named semaphore can be created and removed")
 
 
@@ -299,8 +315,10 @@ def logind_remove_ipc(conf: str = LOGIND_CONF,
         return Check("RemoveIPC", OK, f"{setting}: not applied to uid {uid}, a system user")
     return Check("RemoveIPC", WARN,
                  f"{setting}: when uid {uid}'s last login session ends, logind deletes every "
-                 f"file the user owns in {_posix.SHM_DIR}, the stores' locks (sem.shmp_*) "
-                 "included: pools still running then (under nohup, tmux or cron) break",
+                 f"file the user owns in {_posix.SHM_DIR}: stores own none, but the "
+                 "multiprocessing semaphores of queues and locks made under spawn or "
+                 "forkserver do, and programs still running then (under nohup, tmux "
+                 "or cron) break on them",
                  "set RemoveIPC=no in /etc/systemd/logind.conf.d/shmpool.conf and restart "
                  "systemd-logind, or keep the user's session (loginctl enable-linger), "
                  "or run as a system user")
@@ -313,8 +331,9 @@ def _system_uid_max(login_defs: str = "/etc/login.defs") -> int:
 
 
 def leftover_names() -> Check:
-    """shmpool names in /dev/shm, and whether their owners live.  Report only."""
-    names = sorted(_posix.leftover_names())
+    """Names earlier shmpool versions made in /dev/shm (this one makes
+    none), and whether their owners live.  Report only."""
+    names = sorted((name, _pid_in(name)) for name in _posix.shmpool_names())
     if not names:
         return Check("leftovers", OK, f"no shmpool names (shmp_*, sem.shmp_*) in "
                      f"{_posix.SHM_DIR}")
@@ -323,19 +342,17 @@ def leftover_names() -> Check:
     alive = f"{live} of live processes (in use)" if live else ""
     if not dead:
         return Check("leftovers", OK, f"none left by a dead owner; {alive}")
-    shown = ", ".join(f"{_file_name(n)} (pid {pid} is gone)" for n, pid in dead[:5])
+    shown = ", ".join(f"{n} (pid {pid} is gone)" for n, pid in dead[:5])
     more = f" and {len(dead) - 5} more" if len(dead) > 5 else ""
     detail = f"{len(dead)} left by dead owners: {shown}{more}" + (f"; {alive}" if alive else "")
     return Check("leftovers", WARN, detail,
-                 f"the next shmpool store created on this machine removes them, or: "
-                 f"rm {' '.join(os.path.join(_posix.SHM_DIR, _file_name(n)) for n, _ in dead[:5])}"
+                 f"rm {' '.join(os.path.join(_posix.SHM_DIR, n) for n, _ in dead[:5])}"
                  + (" ..." if more else ""))
 
 
-def _file_name(tagged: str) -> str:
-    """``sem:/shmp_1_ab`` -> ``sem.shmp_1_ab``; ``shm:/shmp_1_ab`` -> ``shmp_1_ab``."""
-    kind, name = tagged.split(":/", 1)
-    return f"sem.{name}" if kind == "sem" else name
+def _pid_in(name: str) -> int:
+    """The owner pid in ``shmp_<pid>_<hex>`` or ``sem.shmp_<pid>_<hex>``."""
+    return int(name.split("shmp_", 1)[1].split("_", 1)[0])
 
 
 def _child() -> None:
@@ -388,6 +405,7 @@ def run_checks(capacity: int = DEFAULT_CAPACITY,
     """Every check, in the order they are printed."""
     checks: list[Callable[[], Check]] = [
         lambda: shm_space(capacity),
+        segment,
         named_semaphore,
         leftover_names,
         logind_remove_ipc,

@@ -92,7 +92,7 @@ def test_remove_ipc_defaults_to_yes_and_warns_a_regular_user(tmp_path):
     conf, dirs = _logind(tmp_path, "[Login]\n#RemoveIPC=yes\n")
     check = _doctor.logind_remove_ipc(conf, dirs, systemd_running=True, uid=1000)
     assert check.status == WARN
-    assert "systemd's default" in check.detail and "sem.shmp_*" in check.detail
+    assert "systemd's default" in check.detail and "stores own none" in check.detail
     assert "RemoveIPC=no" in check.fix and "enable-linger" in check.fix
 
 
