@@ -482,9 +482,15 @@ class _WritingEnd(_End):
 
     def send(self, obj) -> None:
         """Put *obj*, pickled now; blocks while the pipe is full.  Raises
-        SerializationError (a ``pickle.PicklingError``) if it cannot be
-        pickled, OSError after ``close``."""
-        message, held = self._store.encode_bounded(obj, RECORD_SIZE)
+        what pickling *obj* raised, as ``Connection.send`` does (callers
+        such as ``multiprocessing.pool`` catch that), OSError after
+        ``close``."""
+        try:
+            message, held = self._store.encode_bounded(obj, RECORD_SIZE)
+        except SerializationError as exc:
+            if exc.__cause__ is None:
+                raise
+            raise exc.__cause__ from None
         self._sender.write(message, held, None)
 
     def close(self) -> None:
@@ -555,7 +561,9 @@ class SimpleQueue(_Channel):
         util.register_after_fork(self, SimpleQueue._reset)
 
     def put(self, obj) -> None:
-        """Put *obj*, pickled now; blocks while the pipe is full."""
+        """Put *obj*, pickled now; blocks while the pipe is full.  A value
+        that cannot be pickled raises what pickling raised, as with the
+        standard library."""
         self._writer.send(obj)
 
     def get(self):
