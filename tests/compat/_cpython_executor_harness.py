@@ -48,6 +48,7 @@ a classmethod of a class built here), so it builds the same classes there.
 from __future__ import annotations
 
 import importlib
+import inspect
 import multiprocessing
 import pathlib
 import re
@@ -215,6 +216,24 @@ def _patches(modules, on_context: bool = False):
     return found
 
 
+#: Options of the standard library executor that newer tests use, by a word
+#: of those tests' names.  On the context the standard library's own
+#: executor runs, so a test from a newer CPython's sources that uses one
+#: the running interpreter's executor lacks (3.10 has no
+#: ``max_tasks_per_child``) is skipped there.
+_NEWER_OPTIONS = {"max_tasks": "max_tasks_per_child"}
+
+
+def _stdlib_lacks(test_name: str) -> str | None:
+    """The option the test *test_name* needs and this interpreter's
+    ``concurrent.futures.ProcessPoolExecutor`` lacks, if any."""
+    parameters = inspect.signature(concurrent.futures.ProcessPoolExecutor).parameters
+    for word, option in _NEWER_OPTIONS.items():
+        if word in test_name and option not in parameters:
+            return option
+    return None
+
+
 def _drop_test_state(case: unittest.TestCase) -> None:
     """Drop what a test kept on its instance (``FailingInitializerMixin``
     keeps a queue made from the context as ``log_queue`` and in
@@ -283,6 +302,11 @@ def build(classes: dict[str, type], version: str, patches, exclusions,
             reason = exclusions.get((test_mixin.__name__, test_name, stdlib_mixin.ctx))
             if reason is not None:
                 attrs[test_name] = _excluded(getattr(generated, test_name), reason, table)
+            elif on_context and (missing := _stdlib_lacks(test_name)):
+                attrs[test_name] = unittest.skip(
+                    f"the standard library executor of this interpreter has no {missing} "
+                    f"(Python 3.11 and later), which this newer CPython test uses")(
+                        getattr(generated, test_name))
         name = f"{'OnShmpoolContext' if on_context else ''}{generated_name}_py{version.replace('.', '')}"
         attrs.update(__module__=__name__, __qualname__=name, on_context=on_context)
         built[name] = type(name, (test_mixin, mixins[stdlib_mixin], *rest), attrs)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import shmpool
+from shmpool import testing
 
 from conftest import DEADLOCK_TIMEOUT
 
@@ -82,6 +83,7 @@ def test_dask_with_the_stdlib_pool_on_shmpool_s_context(dask_expected):
 def test_dask_with_shmpool_s_executor(dask_expected):
     with shmpool.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as executor:
         _check_dask(executor, dask_expected)
+        assert testing.pool_store(executor).statistics().peak_in_use >= 2 * MiB
 
 
 @pytest.mark.xfail(strict=True, raises=AttributeError,
