@@ -468,7 +468,6 @@ class _ReadingEnd(_End):
         return self._pipe.reader_closed
 
 
-
 class _WritingEnd(_End):
     """A SimpleQueue's ``_writer``: ``send`` is the queue's ``put``."""
 
@@ -501,7 +500,6 @@ class _WritingEnd(_End):
     @property
     def closed(self) -> bool:
         return self._pipe.writer_closed
-
 
 
 class _NoLock:
