@@ -402,12 +402,138 @@ class JoinableQueue(Queue):
                 self._cond.wait()
 
 
+# Libraries that build their own pools on a context call the stdlib
+# SimpleQueue's private ends (CPython 3.10 to 3.13 alike):
+#
+# - concurrent.futures.process: the manager thread waits on
+#   ``result_queue._reader`` with ``multiprocessing.connection.wait`` (so
+#   ``fileno``) and takes results with ``_reader.recv()``, the unpickled
+#   object;
+# - multiprocessing.pool: ``_quick_put = inqueue._writer.send``,
+#   ``_quick_get = outqueue._reader.recv``; it waits on ``_reader`` as
+#   above, ``poll()``s it before draining, a worker ``close()``s its
+#   ``inqueue._writer`` and ``outqueue._reader``, and ``terminate``
+#   acquires ``inqueue._rlock`` to drain the task queue.
+#
+# Neither calls ``send_bytes``/``recv_bytes`` on them.  shmpool's
+# SimpleQueue therefore carries ends that do exactly those calls over its
+# own pipe and store, rather than the context handing these libraries the
+# stdlib's SimpleQueue: that way they behave as with the standard library
+# and also get the store's zero-copy path for big tasks and results.
+
+class _End:
+    """What both ends share: a clear error for a call they do not offer."""
+
+    __slots__ = ()
+    _WHICH = _OFFERS = _INSTEAD = ""
+
+    def __getattr__(self, name: str):
+        raise AttributeError(
+            f"the {self._WHICH} end of a shmpool.SimpleQueue has no {name!r}: it offers "
+            f"{self._OFFERS}, the calls multiprocessing.pool and concurrent.futures make; "
+            f"use the queue's {self._INSTEAD} otherwise")
+
+
+class _ReadingEnd(_End):
+    """A SimpleQueue's ``_reader``: the calls the standard library makes on
+    its SimpleQueue's reading ``Connection``, with the same results.
+    ``recv`` is the queue's ``get``."""
+
+    __slots__ = ("_pipe", "_store")
+    _WHICH, _OFFERS, _INSTEAD = "reading", "recv, poll, fileno, close and closed", "get() and empty()"
+
+    def __init__(self, pipe: RecordPipe, store: ObjectStore) -> None:
+        self._pipe = pipe
+        self._store = store
+
+    def recv(self):
+        """The next item, unpickled; blocks until there is one.  EOFError
+        once every writer has closed, OSError after ``close``."""
+        return self._store.decode(self._pipe.read(None))
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether ``recv`` would return (or raise EOFError) at once,
+        waiting up to *timeout* seconds (None: as long as it takes)."""
+        return self._pipe.poll(timeout)
+
+    def fileno(self) -> int:
+        return self._pipe.fileno()
+
+    def close(self) -> None:
+        """Close this process's reading end only."""
+        self._pipe.close_reader()
+
+    @property
+    def closed(self) -> bool:
+        return self._pipe.reader_closed
+
+
+class _WritingEnd(_End):
+    """A SimpleQueue's ``_writer``: ``send`` is the queue's ``put``."""
+
+    __slots__ = ("_pipe", "_store", "_sender")
+    _WHICH, _OFFERS, _INSTEAD = "writing", "send, close and closed", "put()"
+
+    def __init__(self, pipe: RecordPipe, store: ObjectStore, sender: _Sender) -> None:
+        self._pipe = pipe
+        self._store = store
+        self._sender = sender
+
+    def send(self, obj) -> None:
+        """Put *obj*, pickled now; blocks while the pipe is full.  Raises
+        what pickling *obj* raised, as ``Connection.send`` does (callers
+        such as ``multiprocessing.pool`` catch that), OSError after
+        ``close``."""
+        try:
+            message, held = self._store.encode_bounded(obj, RECORD_SIZE)
+        except SerializationError as exc:
+            if exc.__cause__ is None:
+                raise
+            raise exc.__cause__ from None
+        self._sender.write(message, held, None)
+
+    def close(self) -> None:
+        """Close this process's writing end only (the store stays attached:
+        this process may still read)."""
+        self._pipe.close_writer()
+
+    @property
+    def closed(self) -> bool:
+        return self._pipe.writer_closed
+
+
+class _NoLock:
+    """Stands for the stdlib SimpleQueue's reader lock, which
+    ``multiprocessing.pool``'s ``terminate`` acquires (and never releases)
+    to drain the task queue without its workers.  shmpool's readers take no
+    lock (records are read whole), so workers may go on reading while the
+    pool drains: that drains the queue too."""
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class SimpleQueue(_Channel):
     """``multiprocessing.SimpleQueue``: no size, no feeder thread; ``put``
     writes the record itself and blocks while the pipe is full.
 
-    Store options as for ``Queue``.
+    Store options as for ``Queue``.  ``_reader``, ``_writer`` and ``_rlock``
+    do what ``multiprocessing.pool`` and ``concurrent.futures`` call on the
+    standard library's (see above), so a ``multiprocessing.pool.Pool`` or
+    ``concurrent.futures.ProcessPoolExecutor`` built on ``shmpool.get_context()``
+    moves its tasks and results through the store.
     """
+
+    _rlock = _NoLock()
 
     def __init__(self, *, ctx=None, capacity: int | None = None,
                  threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None):
@@ -420,6 +546,8 @@ class SimpleQueue(_Channel):
         self._sender = _Sender(self._pipe, self._store)   # never starts a feeder
         self._close_sender = util.Finalize(self, _Sender.close, args=(self._sender,),
                                            exitpriority=10)
+        self._reader = _ReadingEnd(self._pipe, self._store)
+        self._writer = _WritingEnd(self._pipe, self._store, self._sender)
 
     def __getstate__(self):
         mp_context.assert_spawning(self)
@@ -431,13 +559,14 @@ class SimpleQueue(_Channel):
         util.register_after_fork(self, SimpleQueue._reset)
 
     def put(self, obj) -> None:
-        """Put *obj*, pickled now; blocks while the pipe is full."""
-        message, held = self._encode(obj)
-        self._sender.write(message, held, None)
+        """Put *obj*, pickled now; blocks while the pipe is full.  A value
+        that cannot be pickled raises what pickling raised, as with the
+        standard library."""
+        self._writer.send(obj)
 
     def get(self):
         """Remove and return the oldest item; blocks until there is one."""
-        return self._decode(self._receive(True, None))
+        return self._reader.recv()
 
     def empty(self) -> bool:
         return not self._pipe.readable()

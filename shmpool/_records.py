@@ -32,19 +32,21 @@ RECORD_SIZE = select.PIPE_BUF
 _PIPE_BYTES = 256 * 1024
 
 
+def _poll(fd: int, events: int, ms: int) -> bool:
+    """Whether *fd* reports one of *events* (or hangs up) within *ms*
+    milliseconds (-1: as long as it takes)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(ms))
+
+
 def _wait(fd: int, events: int, deadline: float | None) -> bool:
     """Wait until *fd* reports one of *events* (or hangs up); False once
     *deadline* (a ``time.monotonic()`` value, None: never) has passed."""
     if deadline is None:
-        ms = -1
-    else:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        ms = math.ceil(remaining * 1000)
-    poller = select.poll()
-    poller.register(fd, events)
-    return bool(poller.poll(ms))
+        return _poll(fd, events, -1)
+    remaining = deadline - time.monotonic()
+    return remaining > 0 and _poll(fd, events, math.ceil(remaining * 1000))
 
 
 def _ready_now(fd: int, event: int) -> bool:
@@ -130,6 +132,19 @@ class RecordPipe:
     def readable(self) -> bool:
         """Whether a record is waiting now (another reader may take it)."""
         return _ready_now(self._reader.fileno(), select.POLLIN)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Wait up to *timeout* seconds (None: as long as it takes) until a
+        record is waiting or every writer has closed the pipe, as
+        ``Connection.poll`` does: then ``read`` returns or raises EOFError
+        at once (unless another reader is faster)."""
+        ms = -1 if timeout is None else math.ceil(max(timeout, 0.0) * 1000)
+        return _poll(self._reader.fileno(), select.POLLIN, ms)
+
+    def fileno(self) -> int:
+        """The reading end's descriptor, for ``select`` and
+        ``multiprocessing.connection.wait``."""
+        return self._reader.fileno()
 
     def writable(self) -> bool:
         """Whether the pipe has room for a record now (another writer may

@@ -7,6 +7,12 @@ band.  The pickle stream and those buffers are written into one store object
 (a *frame*), so each large buffer is copied exactly once.  ``get`` unpickles
 with buffers that are read-only views of shared memory: zero-copy.
 
+Reductions are chosen as ``multiprocessing`` chooses them: copyreg's, then
+those registered with ``multiprocessing.reduction.ForkingPickler.register``
+(connections, sockets and file descriptors travel as the standard library
+sends them; PyTorch registers its tensors there), then shmpool's own for
+arrays and memoryviews, which keep big buffers out of band.
+
 A buffer that already lives in the store (a view from ``get``, an array
 from ``empty``) is not copied again: the frame refers to its object and
 holds it.  An unsealed ``empty`` array is sealed on the way, and the array
@@ -42,11 +48,11 @@ Frame layout (inside one store object; native byte order)::
 from __future__ import annotations
 
 import copy
-import copyreg
 import io
 import pickle
 import struct
 import warnings
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
@@ -116,13 +122,34 @@ def _reduce_ndarray(arr: np.ndarray):
     return _rebuild_ndarray, (buffer, arr.dtype, arr.shape, order)
 
 
-_DISPATCH = copyreg.dispatch_table.copy()
-_DISPATCH[memoryview] = _reduce_memoryview
-_DISPATCH[np.ndarray] = _reduce_ndarray
+#: shmpool's own reductions: they hand array and memoryview buffers out of
+#: band, so they win over any other reduction registered for these types.
+_BUFFER_REDUCERS = {memoryview: _reduce_memoryview, np.ndarray: _reduce_ndarray}
+
+
+def _dispatch_table() -> dict:
+    """The reductions a pickle uses, as ``multiprocessing`` would pick them:
+    copyreg's, then those registered with
+    ``multiprocessing.reduction.ForkingPickler.register`` (connections,
+    sockets, bound methods, and whatever a library adds, PyTorch's tensors
+    for one), then shmpool's for buffers.
+
+    Built anew for every pickle, as ``ForkingPickler`` itself does, because
+    a reduction may be registered at any time; copying the few entries costs
+    under a microsecond, less than creating the pickler.
+    """
+    table = ForkingPickler._copyreg_dispatch_table.copy()
+    table.update(ForkingPickler._extra_reducers)
+    table.update(_BUFFER_REDUCERS)
+    return table
 
 
 class _Pickler(pickle.Pickler):
-    dispatch_table = _DISPATCH
+    """Protocol 5 with the reductions of ``_dispatch_table()``."""
+
+    def __init__(self, file, **kwargs) -> None:
+        super().__init__(file, protocol=5, **kwargs)
+        self.dispatch_table = _dispatch_table()
 
 
 def _address(raw: memoryview) -> int:
@@ -220,7 +247,7 @@ class ObjectStore:
         stream = io.BytesIO()
         stream.write(_MSG_INBAND)
         try:
-            _Pickler(stream, protocol=5, buffer_callback=on_buffer).dump(obj)
+            _Pickler(stream, buffer_callback=on_buffer).dump(obj)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle {type(obj).__qualname__} object for the "
@@ -394,7 +421,7 @@ class ObjectStore:
                 StoreFullWarning, stacklevel=3)
         stream = io.BytesIO()
         stream.write(_MSG_INBAND)
-        _Pickler(stream, protocol=5).dump(obj)
+        _Pickler(stream).dump(obj)
         return stream.getvalue()
 
     def decode(self, message: bytes):

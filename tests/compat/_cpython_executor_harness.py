@@ -28,6 +28,15 @@ Which sources run (``_cpython_sources`` finds them):
   interpreter only needs a few ``test.support`` names it lacks
   (``_cpython_sources.extend_test_support``).
 
+The same classes are built a second time with the standard library's
+own executor on shmpool's context (``_cpython_sources.StdlibProcessPoolExecutor``,
+``get_context`` returning ``shmpool.get_context(method)``): its result queue
+is then shmpool's SimpleQueue, read through its ``_reader`` end.  Those
+classes are named ``OnShmpoolContext<generated name>_py<version>`` and
+their exclusions are the rows of ``EXCLUDED_EXECUTOR_ON_CONTEXT.md``.  To
+stay within CI's time, that second build leaves out the test mixins of
+``NOT_ON_CONTEXT`` (see there why they add nothing on the context).
+
 A source that cannot be found is reported by a skipped test naming it
 (``MISSING``); classes are named ``<generated name>_py<version>``.  Tests in
 ``EXCLUDED_EXECUTOR.md`` become skips that give the reason.
@@ -39,6 +48,7 @@ a classmethod of a class built here), so it builds the same classes there.
 from __future__ import annotations
 
 import importlib
+import inspect
 import multiprocessing
 import pathlib
 import re
@@ -48,10 +58,12 @@ from unittest import mock
 import concurrent.futures
 from test.support import script_helper
 
+import shmpool
 from _cpython_sources import (
     CANONICAL,
     ProcessPoolExecutor,
     Source,
+    StdlibProcessPoolExecutor,
     find_source,
     how_sought,
     install,
@@ -66,9 +78,17 @@ NEWEST_VERSION = "3.13"
 #: The package's modules holding process-pool test classes.
 PACKAGE_MODULES = ("test_process_pool", "test_shutdown", "test_wait", "test_as_completed",
                    "test_init", "test_deadlock")
+#: Test mixins not built a second time on shmpool's context.  They test
+#: waiting on futures (``wait``, ``as_completed``: concurrent.futures._base),
+#: which the context does not change; their results come back through the
+#: result queue exactly as in the executor, shutdown, deadlock and
+#: initializer tests that are built.  Together they take about as long as
+#: all the others (100 s of a 220 s run on 2 cores).
+NOT_ON_CONTEXT = ("WaitTests", "AsCompletedTests")
 START_METHODS = [m for m in ("fork", "forkserver", "spawn")
                  if m in multiprocessing.get_all_start_methods()]
 EXCLUDED_MD = pathlib.Path(__file__).with_name("EXCLUDED_EXECUTOR.md")
+EXCLUDED_ON_CONTEXT_MD = pathlib.Path(__file__).with_name("EXCLUDED_EXECUTOR_ON_CONTEXT.md")
 COMPAT_DIR = str(pathlib.Path(__file__).parent)
 
 _GENERATED = re.compile(r"ProcessPool(Fork|Forkserver|Spawn)\w+Test")
@@ -96,6 +116,15 @@ def read_exclusions(path: pathlib.Path = EXCLUDED_MD) -> dict[tuple[str, str, st
                 raise ValueError(f"{path.name}: duplicate row for {key}")
             found[key] = match["reason"]
     return found
+
+
+def unknown_rows(exclusions) -> list[tuple[str, str]]:
+    """The ``(class, test)`` rows of *exclusions* that name no test of a
+    loaded source (a typo would skip nothing)."""
+    def known(cls_name, test_name):
+        return any(hasattr(getattr(module, cls_name, None), test_name)
+                   for modules in LOADED.values() for module in modules)
+    return sorted({key[:2] for key in exclusions if not known(*key[:2])})
 
 
 # -- which sources, imported how --------------------------------------------
@@ -155,72 +184,113 @@ def generated_classes(modules) -> dict[str, type]:
 
 # -- wiring ------------------------------------------------------------------
 
-def _prelude() -> str:
+def _prelude(on_context: bool) -> str:
     """Run first in a child interpreter's ``-c`` script (started with -I, it
     would not see this directory or the sources otherwise)."""
     return ("import sys\n"
             f"sys.path.insert(0, {COMPAT_DIR!r})\n"
             "import _cpython_sources\n"
-            f"_cpython_sources.setup_child({installed_aliases()!r})\n")
+            f"_cpython_sources.setup_child({installed_aliases()!r}, {on_context!r})\n")
 
 
-def _wrap_assert_python_ok(original):
+def _wrap_assert_python_ok(original, on_context: bool):
     def assert_python_ok(*args, **env_vars):
         args = list(args)
         if "-c" in args[:-1]:
             i = args.index("-c") + 1
-            args[i] = _prelude() + args[i]
+            args[i] = _prelude(on_context) + args[i]
         return original(*args, **env_vars)
     return assert_python_ok
 
 
-def _patches(modules):
-    """``(target, attribute, value)`` to apply around every test."""
-    found = [(concurrent.futures, "ProcessPoolExecutor", ProcessPoolExecutor),
-             (script_helper, "assert_python_ok",
-              _wrap_assert_python_ok(script_helper.assert_python_ok))]
+def _patches(modules, on_context: bool = False):
+    """``(target, attribute, value)`` to apply around every test: shmpool's
+    executor, or (*on_context*) the standard library's on shmpool's context."""
+    executor = StdlibProcessPoolExecutor if on_context else ProcessPoolExecutor
+    wrapped = _wrap_assert_python_ok(script_helper.assert_python_ok, on_context)
+    found = [(concurrent.futures, "ProcessPoolExecutor", executor),
+             (script_helper, "assert_python_ok", wrapped)]
     for module in modules:
         if getattr(module, "assert_python_ok", None) is script_helper.assert_python_ok:
-            found.append((module, "assert_python_ok",
-                          _wrap_assert_python_ok(script_helper.assert_python_ok)))
+            found.append((module, "assert_python_ok", wrapped))
     return found
 
 
-def _shmpool_mixin(stdlib_mixin: type, patches) -> type:
-    """*stdlib_mixin* (``ProcessPoolSpawnMixin``, ...) with shmpool's executor."""
+#: Options of the standard library executor that newer tests use, by a word
+#: of those tests' names.  On the context the standard library's own
+#: executor runs, so a test from a newer CPython's sources that uses one
+#: the running interpreter's executor lacks (3.10 has no
+#: ``max_tasks_per_child``) is skipped there.
+_NEWER_OPTIONS = {"max_tasks": "max_tasks_per_child"}
+
+
+def _stdlib_lacks(test_name: str) -> str | None:
+    """The option the test *test_name* needs and this interpreter's
+    ``concurrent.futures.ProcessPoolExecutor`` lacks, if any."""
+    parameters = inspect.signature(concurrent.futures.ProcessPoolExecutor).parameters
+    for word, option in _NEWER_OPTIONS.items():
+        if word in test_name and option not in parameters:
+            return option
+    return None
+
+
+def _drop_test_state(case: unittest.TestCase) -> None:
+    """Drop what a test kept on its instance (``FailingInitializerMixin``
+    keeps a queue made from the context as ``log_queue`` and in
+    ``executor_kwargs``).  Under pytest the TestCase outlives its test, so a
+    shmpool queue kept there would still hold its store when the leak check
+    looks; unittest's own runner drops the instance instead.  Private
+    attributes (unittest's) and test methods (which pytest binds on the
+    instance) stay."""
+    for name in [name for name in vars(case) if not name.startswith(("_", "test"))]:
+        delattr(case, name)
+
+
+def _shmpool_mixin(stdlib_mixin: type, patches, on_context: bool = False) -> type:
+    """*stdlib_mixin* (``ProcessPoolSpawnMixin``, ...) with shmpool's
+    executor, or (*on_context*) the standard library's on shmpool's context."""
 
     def setUp(self):
         for target, attribute, value in patches:
             patcher = mock.patch.object(target, attribute, value)
             patcher.start()
             self.addCleanup(patcher.stop)
+        if on_context:
+            self.addCleanup(_drop_test_state, self)
         super(mixin, self).setUp()
 
     def get_context(self):
+        if on_context:
+            return shmpool.get_context(self.ctx)
         return multiprocessing.get_context(self.ctx)
 
-    name = f"Shmpool{stdlib_mixin.__name__}"
+    name = f"{'OnShmpoolContext' if on_context else 'Shmpool'}{stdlib_mixin.__name__}"
     mixin = type(name, (stdlib_mixin,), {
-        "executor_type": ProcessPoolExecutor, "setUp": setUp, "get_context": get_context,
+        "executor_type": StdlibProcessPoolExecutor if on_context else ProcessPoolExecutor,
+        "setUp": setUp, "get_context": get_context,
         "__module__": __name__, "__qualname__": name})
     return mixin
 
 
-def _excluded(func, reason: str):
-    return unittest.skip(f"excluded, see tests/compat/EXCLUDED_EXECUTOR.md: {reason}")(func)
+def _excluded(func, reason: str, table: pathlib.Path):
+    return unittest.skip(f"excluded, see tests/compat/{table.name}: {reason}")(func)
 
 
 def build(classes: dict[str, type], version: str, patches, exclusions,
-          already: dict[str, set[str]]) -> dict[str, type]:
-    """shmpool's copy of each generated class; a test whose name is in
-    ``already[generated name]`` (run from another source) is left out."""
+          already: dict[str, set[str]], on_context: bool = False) -> dict[str, type]:
+    """shmpool's copy of each generated class (or, *on_context*, the
+    standard library executor's on shmpool's context); a test whose name is
+    in ``already[generated name]`` (run from another source) is left out."""
     loader = unittest.TestLoader()
+    table = EXCLUDED_ON_CONTEXT_MD if on_context else EXCLUDED_MD
     mixins: dict[type, type] = {}
     built = {}
     for generated_name, generated in sorted(classes.items()):
         test_mixin, stdlib_mixin, *rest = generated.__bases__
+        if on_context and test_mixin.__name__ in NOT_ON_CONTEXT:
+            continue
         if stdlib_mixin not in mixins:
-            mixins[stdlib_mixin] = _shmpool_mixin(stdlib_mixin, patches)
+            mixins[stdlib_mixin] = _shmpool_mixin(stdlib_mixin, patches, on_context)
         attrs = {}
         names = set(loader.getTestCaseNames(generated))
         kept = names - already.get(generated_name, set())
@@ -231,15 +301,21 @@ def build(classes: dict[str, type], version: str, patches, exclusions,
         for test_name in kept:
             reason = exclusions.get((test_mixin.__name__, test_name, stdlib_mixin.ctx))
             if reason is not None:
-                attrs[test_name] = _excluded(getattr(generated, test_name), reason)
-        name = f"{generated_name}_py{version.replace('.', '')}"
-        attrs.update(__module__=__name__, __qualname__=name)
+                attrs[test_name] = _excluded(getattr(generated, test_name), reason, table)
+            elif on_context and (missing := _stdlib_lacks(test_name)):
+                attrs[test_name] = unittest.skip(
+                    f"the standard library executor of this interpreter has no {missing} "
+                    f"(Python 3.11 and later), which this newer CPython test uses")(
+                        getattr(generated, test_name))
+        name = f"{'OnShmpoolContext' if on_context else ''}{generated_name}_py{version.replace('.', '')}"
+        attrs.update(__module__=__name__, __qualname__=name, on_context=on_context)
         built[name] = type(name, (test_mixin, mixins[stdlib_mixin], *rest), attrs)
         already.setdefault(generated_name, set()).update(kept)
     return built
 
 
 EXCLUSIONS = read_exclusions()
+EXCLUSIONS_ON_CONTEXT = read_exclusions(EXCLUDED_ON_CONTEXT_MD)
 SOURCES, MISSING = plan()
 LOADED: dict[str, list] = {}            # version -> modules
 IMPORT_ERRORS: dict[str, str] = {}      # module name -> error
@@ -247,15 +323,16 @@ TEST_CASES: dict[str, type] = {}
 
 
 def _build_all() -> None:
-    already: dict[str, set[str]] = {}
     for source, name in SOURCES:
         modules, failed = load(source, name)
         LOADED[source.version] = modules
         IMPORT_ERRORS.update(failed)
-    patches = _patches([m for modules in LOADED.values() for m in modules])
-    for source, _ in SOURCES:
-        TEST_CASES.update(build(generated_classes(LOADED[source.version]), source.version,
-                                patches, EXCLUSIONS, already))
+    modules = [m for loaded in LOADED.values() for m in loaded]
+    for on_context, exclusions in ((False, EXCLUSIONS), (True, EXCLUSIONS_ON_CONTEXT)):
+        patches, already = _patches(modules, on_context), {}
+        for source, _ in SOURCES:
+            TEST_CASES.update(build(generated_classes(LOADED[source.version]), source.version,
+                                    patches, exclusions, already, on_context))
 
 
 _build_all()

@@ -33,6 +33,12 @@ Both patches are undone after each test.
 Tests excluded (rows of ``EXCLUDED.md``) are kept but replaced by a skip
 naming the reason, so they show in the report.
 
+The Pool classes are built a second time with the standard library's own
+``multiprocessing.pool.Pool`` given ``context=shmpool.get_context(method)``
+(named ``OnShmpoolContext<Name>_<method>``): its task and result queues are
+then shmpool's SimpleQueues, driven through their ``_reader``/``_writer``
+ends.  Their exclusions are the rows of ``EXCLUDED_ON_CONTEXT.md``.
+
 This module is imported by worker processes too (spawn/forkserver unpickle
 the test classes to call classmethods such as ``_test_traceback``), so it
 stays light: no pytest, no conftest.
@@ -41,6 +47,7 @@ stays light: no pytest, no conftest.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import multiprocessing.queues
 import pathlib
 import re
@@ -50,6 +57,7 @@ from unittest import mock
 from test import _test_multiprocessing as mptest   # may raise SkipTest
 from test.support import script_helper
 
+import shmpool
 from shmpool._pool import Pool as ShmpoolPool
 from shmpool._queue import JoinableQueue as ShmpoolJoinableQueue
 from shmpool._queue import Queue as ShmpoolQueue
@@ -62,12 +70,13 @@ BASES = POOL_BASES + QUEUE_BASES
 START_METHODS = [m for m in ("fork", "forkserver", "spawn")
                  if m in multiprocessing.get_all_start_methods()]
 EXCLUDED_MD = pathlib.Path(__file__).with_name("EXCLUDED.md")
+EXCLUDED_ON_CONTEXT_MD = pathlib.Path(__file__).with_name("EXCLUDED_ON_CONTEXT.md")
 
 _ROW = re.compile(r"^\|\s*`(?P<cls>\w+)`\s*\|\s*`(?P<test>\w+)`\s*\|\s*(?P<reason>.+?)\s*\|\s*$")
 
 
 def read_exclusions(path: pathlib.Path = EXCLUDED_MD) -> dict[tuple[str, str], str]:
-    """``{(base class, test name): reason}`` from the table in EXCLUDED.md."""
+    """``{(base class, test name): reason}`` from the table in *path*."""
     found = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         match = _ROW.match(line)
@@ -81,17 +90,21 @@ def read_exclusions(path: pathlib.Path = EXCLUDED_MD) -> dict[tuple[str, str], s
     return found
 
 
-def pool_factory(method: str):
+def pool_factory(method: str, on_context: bool = False):
     """``multiprocessing.Pool``'s signature, building shmpool's Pool over
-    *method*'s context unless a context is given."""
-    ctx = multiprocessing.get_context(method)
+    *method*'s context unless a context is given; *on_context*: the
+    standard library's Pool over shmpool's context for *method* instead."""
+    if on_context:
+        ctx, pool_class = shmpool.get_context(method), multiprocessing.pool.Pool
+    else:
+        ctx, pool_class = multiprocessing.get_context(method), ShmpoolPool
 
     def Pool(processes=None, initializer=None, initargs=(), maxtasksperchild=None,
              context=None, **kwargs):
-        return ShmpoolPool(processes, initializer, initargs, maxtasksperchild,
-                           ctx if context is None else context, **kwargs)
+        return pool_class(processes, initializer, initargs, maxtasksperchild,
+                          ctx if context is None else context, **kwargs)
 
-    Pool.__qualname__ = Pool.__name__ = f"ShmpoolPool_{method}"
+    Pool.__qualname__ = Pool.__name__ = f"{'Stdlib' if on_context else 'Shmpool'}Pool_{method}"
     return Pool
 
 
@@ -113,10 +126,16 @@ def queue_factories(method: str) -> dict[str, object]:
     return {"Queue": Queue, "JoinableQueue": JoinableQueue, "SimpleQueue": SimpleQueue}
 
 
-def _subprocess_prelude(method: str) -> str:
+def _subprocess_prelude(method: str, on_context: bool) -> str:
     """Code run first in a ``-c`` child interpreter: the same redirection of
     ``multiprocessing.Pool`` as in this process (a child started with ``-I``
     sees no PYTHONPATH, so it cannot import this module)."""
+    if on_context:
+        return (
+            "import multiprocessing as _shm_mp, multiprocessing.pool, shmpool as _shm\n"
+            f"_shm_ctx = _shm.get_context({method!r})\n"
+            "_shm_mp.Pool = lambda *a, **k: _shm_mp.pool.Pool(*a, **{'context': _shm_ctx, **k})\n"
+        )
     return (
         "import multiprocessing as _shm_mp, shmpool._pool as _shm_pool\n"
         f"_shm_ctx = _shm_mp.get_context({method!r})\n"
@@ -124,8 +143,8 @@ def _subprocess_prelude(method: str) -> str:
     )
 
 
-def _wrap_assert_python_ok(method: str, original):
-    prelude = _subprocess_prelude(method)
+def _wrap_assert_python_ok(method: str, on_context: bool, original):
+    prelude = _subprocess_prelude(method, on_context)
 
     def assert_python_ok(*args, **env_vars):
         args = list(args)
@@ -137,10 +156,11 @@ def _wrap_assert_python_ok(method: str, original):
     return assert_python_ok
 
 
-def make_mixin(method: str) -> type:
-    """``ProcessesMixin`` with shmpool's Pool over *method*'s context."""
+def make_mixin(method: str, on_context: bool = False) -> type:
+    """``ProcessesMixin`` with shmpool's Pool over *method*'s context (or,
+    *on_context*, the standard library's over shmpool's context)."""
     ctx = multiprocessing.get_context(method)
-    factory = pool_factory(method)
+    factory = pool_factory(method, on_context)
     queues = queue_factories(method)
     attrs = {
         "start_method": method,
@@ -158,22 +178,23 @@ def make_mixin(method: str) -> type:
 
     def setUp(self):
         super(mixin, self).setUp()
-        _patch(self, method, {})
+        _patch(self, method, {}, on_context)
 
     attrs["setUp"] = setUp
-    mixin = type(f"ShmpoolProcessesMixin_{method}", (mptest.ProcessesMixin,), attrs)
+    name = f"{'OnContext' if on_context else 'Shmpool'}ProcessesMixin_{method}"
+    mixin = type(name, (mptest.ProcessesMixin,), attrs)
     mixin.__module__ = __name__
     return mixin
 
 
-def _patch(case: unittest.TestCase, method: str, extra: dict) -> None:
+def _patch(case: unittest.TestCase, method: str, extra: dict, on_context: bool = False) -> None:
     """Point the ``multiprocessing`` names the tests call directly at
     shmpool's classes (and *extra* ``multiprocessing`` names at the given
     values) until *case* ends."""
-    replacements = [(multiprocessing, "Pool", pool_factory(method)),
+    replacements = [(multiprocessing, "Pool", pool_factory(method, on_context)),
                     (multiprocessing.queues, "Queue", ShmpoolQueue),
                     (script_helper, "assert_python_ok",
-                     _wrap_assert_python_ok(method, script_helper.assert_python_ok))]
+                     _wrap_assert_python_ok(method, on_context, script_helper.assert_python_ok))]
     replacements += [(multiprocessing, name, value)
                      for name, value in {**queue_factories(method), **extra}.items()]
     for target, name, value in replacements:
@@ -196,45 +217,55 @@ def _standalone_case(base_name: str, method: str, attrs: dict) -> type:
     return case
 
 
-def _excluded(func, reason: str):
-    return unittest.skip(f"excluded, see tests/compat/EXCLUDED.md: {reason}")(func)
+def _excluded(func, reason: str, table: pathlib.Path):
+    return unittest.skip(f"excluded, see tests/compat/{table.name}: {reason}")(func)
 
 
-def make_test_cases(method: str, exclusions: dict[tuple[str, str], str]) -> dict[str, type]:
-    """The classes for *method*, as ``{name: TestCase subclass}``."""
-    mixin = make_mixin(method)
+def make_test_cases(method: str, exclusions: dict[tuple[str, str], str],
+                    on_context: bool = False) -> dict[str, type]:
+    """The classes for *method*, as ``{name: TestCase subclass}``;
+    *on_context*: the Pool classes for the standard library's Pool over
+    shmpool's context."""
+    mixin = make_mixin(method, on_context)
     cases = {}
-    for base_name in BASES:
+    for base_name in POOL_BASES if on_context else BASES:
         base = getattr(mptest, base_name)
         attrs = {}
         for (cls_name, test_name), reason in exclusions.items():
             if cls_name == base_name and hasattr(base, test_name):
-                attrs[test_name] = _excluded(getattr(base, test_name), reason)
+                table = EXCLUDED_ON_CONTEXT_MD if on_context else EXCLUDED_MD
+                attrs[test_name] = _excluded(getattr(base, test_name), reason, table)
         if base_name in STANDALONE:
             case = _standalone_case(base_name, method, attrs)
         else:
             assert "processes" in base.ALLOWED_TYPES, base.ALLOWED_TYPES
             # As install_tests_in_module_dict: 'With' + type + name[1:].
-            name = f"WithProcesses{base_name[1:]}_{method}"
+            prefix = "OnShmpoolContext" if on_context else "WithProcesses"
+            name = f"{prefix}{base_name[1:]}_{method}"
             case = type(name, (base, mixin, unittest.TestCase), attrs)
         name = case.__name__
         case.__qualname__ = name
         case.cpython_base = base_name
+        case.on_context = on_context
         case.__module__ = __name__
         cases[name] = case
     return cases
 
 
 EXCLUSIONS = read_exclusions()
+EXCLUSIONS_ON_CONTEXT = read_exclusions(EXCLUDED_ON_CONTEXT_MD)
 TEST_CASES: dict[str, dict[str, type]] = {}
 for _method in START_METHODS:
-    TEST_CASES[_method] = make_test_cases(_method, EXCLUSIONS)
+    TEST_CASES[_method] = {**make_test_cases(_method, EXCLUSIONS),
+                           **make_test_cases(_method, EXCLUSIONS_ON_CONTEXT, on_context=True)}
     # Module attributes, so pickle finds the classes by name in any process.
     globals().update(TEST_CASES[_method])
 del _method
 
 
-def cases_of(bases: tuple[str, ...]) -> dict[str, type]:
-    """Every start method's test cases built from the classes *bases*."""
+def cases_of(bases: tuple[str, ...], on_context: bool = False) -> dict[str, type]:
+    """Every start method's test cases built from the classes *bases*: for
+    shmpool's classes, or (*on_context*) for the standard library's Pool
+    over shmpool's context."""
     return {name: case for cases in TEST_CASES.values() for name, case in cases.items()
-            if case.cpython_base in bases}
+            if case.cpython_base in bases and case.on_context == on_context}

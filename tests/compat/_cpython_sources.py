@@ -28,6 +28,7 @@ This module is imported in every worker process, so it stays light.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -253,23 +254,47 @@ def prepare_worker(aliases: dict[str, str], initializer: _Later) -> None:
         function(*args)
 
 
-class ProcessPoolExecutor(shmpool.ProcessPoolExecutor):
-    """``shmpool.ProcessPoolExecutor`` whose workers can import the sources
-    this process imports through ``SourceFinder``.  Everything else is
-    shmpool's; the name is the standard library's, as the tests format it
-    into scripts (``from concurrent.futures import {executor_type}``)."""
+class _SourcesInWorkers:
+    """An executor whose workers can import the sources this process
+    imports through ``SourceFinder``: ``prepare_worker`` runs before the
+    test's own initializer."""
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
                  **kwargs):
-        if initializer is None or callable(initializer):    # else shmpool refuses it
+        if initializer is None or callable(initializer):    # else the executor refuses it
             initializer, initargs = prepare_worker, (installed_aliases(),
                                                      _Later((initializer, tuple(initargs))))
         super().__init__(max_workers, mp_context, initializer, initargs, **kwargs)
 
 
-def setup_child(aliases: dict[str, str]) -> None:
+class ProcessPoolExecutor(_SourcesInWorkers, shmpool.ProcessPoolExecutor):
+    """``shmpool.ProcessPoolExecutor``, its workers seeing the sources.
+    Everything else is shmpool's; the name is the standard library's, as the
+    tests format it into scripts (``from concurrent.futures import
+    {executor_type}``)."""
+
+
+class StdlibProcessPoolExecutor(_SourcesInWorkers, concurrent.futures.ProcessPoolExecutor):
+    """The standard library's executor on shmpool's context, its workers
+    seeing the sources.  Without ``mp_context`` it takes
+    ``shmpool.get_context()`` of the start method the standard library
+    would pick (spawn when ``max_tasks_per_child`` is given)."""
+
+    def __init__(self, max_workers=None, mp_context=None, *args, **kwargs):
+        if mp_context is None:
+            mp_context = shmpool.get_context(
+                "spawn" if kwargs.get("max_tasks_per_child") is not None else None)
+        super().__init__(max_workers, mp_context, *args, **kwargs)
+
+
+# The tests format the class's name into scripts, as ProcessPoolExecutor's.
+StdlibProcessPoolExecutor.__name__ = "ProcessPoolExecutor"
+
+
+def setup_child(aliases: dict[str, str], on_context: bool = False) -> None:
     """First lines of a child interpreter's ``-c`` script: the same sources,
-    and ``concurrent.futures.ProcessPoolExecutor`` is shmpool's."""
-    import concurrent.futures
+    and ``concurrent.futures.ProcessPoolExecutor`` is shmpool's (or,
+    *on_context*, the standard library's on shmpool's context)."""
     install(aliases)
-    concurrent.futures.ProcessPoolExecutor = ProcessPoolExecutor
+    concurrent.futures.ProcessPoolExecutor = (StdlibProcessPoolExecutor if on_context
+                                              else ProcessPoolExecutor)
