@@ -26,7 +26,6 @@ SIZES = [4 * KiB - 1, 4 * KiB + 1, 64 * KiB, 200 * KiB, 240 * KiB, 256 * KiB - 1
          256 * KiB + 1, 1024 * KiB]
 
 
-
 def tasks_for(nbytes: int) -> int:
     """Tasks per call: 12 (the reported hang) where values travel in-band
     and exceed the socket buffer; fewer elsewhere, to keep the file fast."""
@@ -77,10 +76,17 @@ def executor(request):
         yield ex
 
 
-def _check(size: int, got: list, sent: list) -> None:
-    assert len(got) == len(sent), f"{size} bytes: {len(got)} results for {len(sent)} tasks"
-    for result, value in zip(got, sent):
-        assert same(result, answer(value)), f"{size} bytes: wrong result"
+def _sweep(call, kind: str) -> None:
+    """``call(values)`` at every size must return their answers in order."""
+    for size in SIZES:
+        sent = values(kind, size)
+        try:
+            got = call(sent)
+        except (multiprocessing.TimeoutError, concurrent.futures.TimeoutError):
+            pytest.fail(f"{size} bytes: the call hung")
+        assert len(got) == len(sent), f"{size} bytes: {len(got)} results for {len(sent)} tasks"
+        for result, value in zip(got, sent):
+            assert same(result, answer(value)), f"{size} bytes: wrong result"
 
 
 POOL_CALLS = {
@@ -108,9 +114,7 @@ POOL_CASES = [("map", 1), ("map", None), ("starmap", 1), ("starmap", None), ("im
 @pytest.mark.parametrize("call, chunksize", POOL_CASES,
                          ids=[f"{c}-chunksize{k or '-default'}" for c, k in POOL_CASES])
 def test_pool_calls_complete_at_every_size(pool, call, chunksize, kind):
-    for size in SIZES:
-        sent = values(kind, size)
-        _check(size, POOL_CALLS[call](pool, sent, chunksize), sent)
+    _sweep(lambda sent: POOL_CALLS[call](pool, sent, chunksize), kind)
 
 
 EXECUTOR_CALLS = {
@@ -119,7 +123,6 @@ EXECUTOR_CALLS = {
     "map": lambda ex, xs, c: list(ex.map(answer, xs, timeout=DEADLOCK_TIMEOUT, chunksize=c)),
 }
 
-
 EXECUTOR_CASES = [("submit", 1), ("map", 1), ("map", 3)]
 
 
@@ -127,10 +130,4 @@ EXECUTOR_CASES = [("submit", 1), ("map", 1), ("map", 3)]
 @pytest.mark.parametrize("call, chunksize", EXECUTOR_CASES,
                          ids=[f"{c}-chunksize{k}" for c, k in EXECUTOR_CASES])
 def test_executor_calls_complete_at_every_size(executor, call, chunksize, kind):
-    for size in SIZES:
-        sent = values(kind, size)
-        try:
-            got = EXECUTOR_CALLS[call](executor, sent, chunksize)
-        except concurrent.futures.TimeoutError:
-            pytest.fail(f"{size} bytes: the executor hung")
-        _check(size, got, sent)
+    _sweep(lambda sent: EXECUTOR_CALLS[call](executor, sent, chunksize), kind)
