@@ -16,7 +16,7 @@ more.  No threads run here.
 to send an answer) also watches the parent's sentinel, and the socket
 reports end-of-file once the parent's end is closed everywhere: under
 fork, each child closes its inherited copies of every supervisor's ends
-(``_close_parent_ends``), so only the parent holds them.  Where the thread
+(``_protocol.own_parent_end``), so only the parent holds them.  Where the thread
 that started the worker lives as long as the parent (the main thread, or
 a supervisor thread), the worker also asks the kernel to SIGKILL it when
 that thread dies (``PR_SET_PDEATHSIG``), which ends even a task that
