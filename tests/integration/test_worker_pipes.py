@@ -273,12 +273,13 @@ def test_workers_exit_when_the_parent_is_sigkilled(method, moment, creator):
         parent.stdout.close()
     try:
         deadline = time.monotonic() + EXIT_BOUND
+        survivors = []
         for pid, fd in zip(pids, descriptors):
             left = max(0.0, deadline - time.monotonic())
-            alive = not select.select([fd], [], [], left)[0]
-            if alive:
+            if not select.select([fd], [], [], left)[0]:
+                survivors.append(pid)
                 os.kill(pid, signal.SIGKILL)     # do not leave it behind
-            assert not alive, f"worker {pid} outlived its killed parent by {EXIT_BOUND}s"
+        assert not survivors, f"workers {survivors} outlived their killed parent by {EXIT_BOUND}s"
     finally:
         for fd in descriptors:
             os.close(fd)
