@@ -144,6 +144,8 @@ class FrameReader:
                     if got:
                         self._buf += data
                         self._parse(out)
+                        if got < READ_CHUNK:  # all there was: save a read that fails
+                            break
             except BlockingIOError:
                 break
             except OSError:               # reset by a peer that died: nothing more

@@ -40,8 +40,9 @@ worker answers.
 When a worker dies (any signal, ``os._exit``, the OOM killer), the
 answers it sent before dying are read first: they name store objects that
 only the dead worker holds, and reaping frees every dead process's holds at
-once.  So every worker found dead has its socket read to the end before the
-store reaps.  Then its running task fails with WorkerDiedError naming the
+once.  So every worker found dead has its socket read to the end, and
+what the others have sent is read too (one may be dead for the store before
+its sentinel fires), before the store reaps.  Then its running task fails with WorkerDiedError naming the
 pid and signal, the task's arguments are released, and tasks waiting in its
 socket (never started) go back to the queue.  What happens next is a choice
 of the front end:
@@ -425,6 +426,12 @@ class Supervisor:
             for worker in newly:
                 dead[worker.fd] = worker
                 self._receive(worker, everything=True)
+        # A process can be dead for the store before its sentinel fires (under
+        # forkserver the sentinel is the forkserver's report of the exit), and
+        # the reap frees its holds too: take what every other worker has sent
+        # as well.  What a process sent before dying is all in its socket.
+        for worker in alive:
+            self._receive(worker)
         self._store.raw.reap_dead_processes()    # their views, their unsealed objects
         for worker in dead.values():
             self._on_exit(worker)
