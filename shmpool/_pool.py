@@ -38,7 +38,7 @@ __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
            "PoolStatistics"]
 
 _job_ids = itertools.count()
-#: Tasks a worker may hold: one running, one waiting in its pipe.  The
+#: Tasks a worker may hold: one running, one waiting in its socket.  The
 #: waiting one starts as soon as the first is done, without a round trip
 #: through the supervisor thread: 2,000 tasks of 200 us on 2 workers take
 #: 0.27 s instead of 0.40 s (multiprocessing: 0.50 s).  A long task can delay

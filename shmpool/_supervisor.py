@@ -2,17 +2,18 @@
 
 ::
 
-    caller threads --submit()--> queue --> wake-up pipe
+    caller threads --submit()--> an idle worker's out buffer, or the queue;
+                                 one byte on the wake-up pipe
                                               |
                                               v
         supervisor thread: the only reader and writer of worker sockets
-          dispatch  queue --> Task into a worker's out buffer --> its socket,
+          dispatch  out buffer (refilled from the queue) --> its socket,
                     as much as the socket takes now (the rest when it
                     polls writable)
           answers   socket --> in buffer --> whole Answers --> on_answer,
                     ACK into the out buffer
-          deaths    sentinel --> read every dead worker's socket to the end
-                    --> reap the dead in the store --> fail their running
+          deaths    sentinel --> read every dead worker's socket to the end,
+                    and what the others sent --> reap the dead in the store --> fail their running
                     tasks --> start replacements
                                               |
                                               v
@@ -21,8 +22,8 @@
 Callers never touch a worker's socket: ``submit`` gives the task to an
 idle worker (into that worker's out buffer, in memory) or leaves it in the
 queue, and wakes the supervisor thread to write it out (one byte on the
-wake-up pipe, only if no wake-up is pending already).  The supervisor thread waits in one
-``poll`` on every worker socket (readable; writable while it has bytes
+wake-up pipe, only if no wake-up is pending already).  The supervisor
+thread waits in one ``poll`` on every worker socket (readable; writable while it has bytes
 queued for it), every worker's sentinel and the wake-up pipe.  Its
 sockets are non-blocking: it never waits for one worker, however large
 the message or however stopped the process, so answers keep being read

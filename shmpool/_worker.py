@@ -79,7 +79,7 @@ class Conventions(enum.Enum):
     FUTURES = "concurrent.futures"
 
     def wrap(self, exc: BaseException):
-        """*exc* as an answer: it carries its traceback across the pipe."""
+        """*exc* as an answer: it carries its traceback across the socket."""
         if self is Conventions.POOL:
             return ExceptionWithTraceback(exc, exc.__traceback__)
         return _ExceptionWithTraceback(exc, exc.__traceback__)
