@@ -343,7 +343,7 @@ class Supervisor:
             masks = wanted
             died = False
             for fd, events in poller.poll():
-                role, worker = roles[fd]
+                role, worker = roles.get(fd, (None, None))
                 if role is _WAKE:
                     self._take_wake_up()
                 elif role is _SOCKET:
@@ -351,7 +351,7 @@ class Supervisor:
                         self._flush(worker)
                     if events & ~select.POLLOUT:
                         self._receive(worker)
-                else:
+                elif role is _EXIT:
                     died = True
             if died:
                 self._handle_deaths()
