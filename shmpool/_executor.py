@@ -52,7 +52,8 @@ from concurrent.futures import Executor, Future
 from ._errors import BrokenPoolError, SerializationError, WorkerDiedError
 from ._serialization import DEFAULT_THRESHOLD, ObjectStore
 from ._supervisor import Supervisor
-from ._worker import APPLY, HEADER, OK, STARMAP, TASK, Conventions
+from ._protocol import APPLY, STARMAP
+from ._worker import Conventions
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -95,7 +96,7 @@ class _Futures:
         self._by_job.pop(job, None)           # cancelled: waiters are notified now
         return False
 
-    def on_answer(self, job: int, index: int, status: int, payload) -> None:
+    def on_answer(self, job: int, index: int, ok: bool, payload) -> None:
         future = self._by_job.pop(job, None)
         if future is None:
             self._store.discard(payload)
@@ -110,7 +111,7 @@ class _Futures:
             error.__cause__ = exc
             future.set_exception(error)
             return
-        if status == OK:
+        if ok:
             future.set_result(value)
         else:
             future.set_exception(value)
@@ -258,7 +259,7 @@ class ProcessPoolExecutor(Executor):
             raise
         job = self._futures.add(future)
         try:
-            self._supervisor.submit(job, 0, HEADER.pack(job, 0, TASK) + message, held)
+            self._supervisor.submit(job, 0, message, held)
         except BaseException:
             self._futures.forget(job)
             if held is not None:

@@ -32,13 +32,13 @@ from ._errors import BrokenPoolError, SerializationError
 from ._serialization import DEFAULT_THRESHOLD, ObjectStore
 from ._store import StoreStatistics
 from ._supervisor import Supervisor
-from ._worker import APPLY, HEADER, MAP, OK, STARMAP, TASK
+from ._protocol import APPLY, MAP, STARMAP
 
 __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
            "PoolStatistics"]
 
 _job_ids = itertools.count()
-#: Tasks a worker may hold: one running, one waiting in its pipe.  The
+#: Tasks a worker may hold: one running, one waiting in its socket.  The
 #: waiting one starts as soon as the first is done, without a round trip
 #: through the supervisor thread: 2,000 tasks of 200 us on 2 workers take
 #: 0.27 s instead of 0.40 s (multiprocessing: 0.50 s).  A long task can delay
@@ -293,8 +293,7 @@ class Pool:
             result._set(index, False, exc.__cause__ or exc)      # as the stdlib does
             return
         try:
-            self._supervisor.submit(result._job, index,
-                                    HEADER.pack(result._job, index, TASK) + message, held)
+            self._supervisor.submit(result._job, index, message, held)
         except BrokenPoolError as exc:
             if held is not None:
                 self._store.release(held)
@@ -380,7 +379,7 @@ class Pool:
 
     # -- answers (supervisor thread) ---------------------------------------
 
-    def _on_answer(self, job: int, index: int, status: int, payload) -> None:
+    def _on_answer(self, job: int, index: int, ok: bool, payload) -> None:
         result = self._cache.get(job)
         if result is None:
             self._store.discard(payload)         # its job already failed
@@ -390,7 +389,7 @@ class Pool:
         except Exception as exc:
             result._set(index, False, exc)
             return
-        result._set(index, status == OK, value)
+        result._set(index, ok, value)
 
     def _on_failure(self, job: int, index: int, exc: BaseException) -> None:
         result = self._cache.get(job)

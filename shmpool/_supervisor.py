@@ -2,26 +2,51 @@
 
 ::
 
-    caller threads --submit()--> queue --+--> worker pipe 1 --> worker 1 --+
-                                         +--> worker pipe n --> worker n --+
-    on_answer(job, index, status, payload) <-- supervisor thread <---------+
-                                              (answers, sentinels, wake-up)
+    caller threads --submit()--> an idle worker's out buffer, or the queue;
+                                 one byte on the wake-up pipe
+                                              |
+                                              v
+        supervisor thread: the only reader and writer of worker sockets
+          dispatch  out buffer (refilled from the queue) --> its socket,
+                    as much as the socket takes now (the rest when it
+                    polls writable)
+          answers   socket --> in buffer --> whole Answers --> on_answer,
+                    ACK into the out buffer
+          deaths    sentinel --> read every dead worker's socket to the end,
+                    and what the others sent --> reap the dead in the store --> fail their running
+                    tasks --> start replacements
+                                              |
+                                              v
+                            worker 1..n (``_worker.run_worker``)
 
-Each worker has its own duplex pipe and at most *depth* tasks in flight:
-the one it runs and the ones waiting in its pipe, so the supervisor always
-knows which tasks a worker holds, and which of them it has started (only
-the oldest).  ``submit`` hands a task straight to an idle worker from the
-calling thread (no thread hop on the way in); when every worker is busy, it
-goes into a busy worker's pipe (up to *depth*), so that the worker starts
-it without waiting for the supervisor thread; otherwise it waits in the
-queue until a worker answers.
+Callers never touch a worker's socket: ``submit`` gives the task to an
+idle worker (into that worker's out buffer, in memory) or leaves it in the
+queue, and wakes the supervisor thread to write it out (one byte on the
+wake-up pipe, only if no wake-up is pending already).  The supervisor
+thread waits in one ``poll`` on every worker socket (readable; writable while it has bytes
+queued for it), every worker's sentinel and the wake-up pipe.  Its
+sockets are non-blocking: it never waits for one worker, however large
+the message or however stopped the process, so answers keep being read
+while a task waits for room in a busy worker's socket (the sizes between
+the socket buffer and the store threshold travel in-band).
 
-The one supervisor thread waits on every worker pipe, every worker's
-sentinel and a wake-up pipe.  When a worker dies (any signal, ``os._exit``,
-the OOM killer), its task fails at once with WorkerDiedError naming the pid
-and signal, the task's arguments are released, and the dead worker's holds
-in the store are reaped.  Nothing waits for a dead process.  What happens
-next is a choice of the front end:
+Each worker has at most *depth* tasks in flight: the one it runs and the
+ones waiting in its socket, so the supervisor always knows which tasks a
+worker holds, and which of them it has started (only the oldest).  A task
+goes to an idle worker first; when every worker is busy, into a busy
+worker's socket (up to *depth*), so that the worker starts it without
+waiting for the supervisor thread; otherwise it waits in the queue until a
+worker answers.
+
+When a worker dies (any signal, ``os._exit``, the OOM killer), the
+answers it sent before dying are read first: they name store objects that
+only the dead worker holds, and reaping frees every dead process's holds at
+once.  So every worker found dead has its socket read to the end, and
+what the others have sent is read too (one may be dead for the store before
+its sentinel fires), before the store reaps.  Then its running task fails with WorkerDiedError naming the
+pid and signal, the task's arguments are released, and tasks waiting in its
+socket (never started) go back to the queue.  What happens next is a choice
+of the front end:
 
 - ``break_on_death=False`` (the Pool): a new worker takes its place and
   other tasks are unaffected;
@@ -36,9 +61,12 @@ worker and may withdraw it (a cancelled future); ``on_stop`` runs once the
 last worker is gone; ``conventions`` picks whose failure rules the workers
 follow.
 
-Thread-safety: all state below is guarded by ``_lock``; answers are handed
-to ``on_answer`` outside it.  ``on_dispatch`` is called under it, so it must
-not call back into the supervisor.
+Thread-safety: the queue, the worker table, each worker's task list and
+the state are guarded by ``_lock``; a thread that holds it may append to a
+worker's out buffer, but only the supervisor thread reads and writes the
+sockets.  Answers are handed to ``on_answer`` outside
+the lock; ``on_dispatch`` is called under it, so it must not call back
+into the supervisor.
 """
 
 from __future__ import annotations
@@ -47,13 +75,20 @@ import collections
 import enum
 import os
 import select
+import socket
+import sys
 import threading
+from multiprocessing.connection import Connection
 
 from ._errors import BrokenPoolError, WorkerDiedError
+from ._protocol import ACK, STOP, Answer, FrameReader, FrameWriter, Task, drop_parent_end, \
+    own_parent_end
 from ._serialization import ObjectStore
-from ._worker import ACK, HEADER, STOP, Conventions, run_worker
+from ._worker import Conventions, run_worker
 
 __all__ = ["Supervisor", "State"]
+
+_WAKE, _SOCKET, _EXIT = "wake", "socket", "exit"
 
 
 class State(enum.Enum):
@@ -64,25 +99,39 @@ class State(enum.Enum):
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "tasks", "tasks_left", "retiring")
+    """One worker process and the supervisor's end of its socket."""
 
-    def __init__(self, process, conn, tasks_left: int | None) -> None:
+    __slots__ = ("process", "fd", "reader", "writer", "tasks", "tasks_left", "retiring")
+
+    def __init__(self, process, fd: int, tasks_left: int | None) -> None:
         self.process = process
-        self.conn = conn
+        self.fd = fd                  # owned: closed when the worker has exited
+        self.reader = FrameReader(fd)
+        self.writer = FrameWriter(fd)
         # Tasks sent and not answered, oldest first, as queue entries: the
-        # first is running, the others wait in the pipe (never started).
+        # first is running, the others wait in the socket (never started).
         self.tasks: collections.deque = collections.deque()
         self.tasks_left = tasks_left  # None: no limit (maxtasksperchild)
         self.retiring = False         # gets no more tasks
+
+
+def _exited(workers: list[_Worker]) -> list[_Worker]:
+    """The workers among *workers* whose sentinel has fired (no waiting)."""
+    poller = select.poll()
+    by_fd = {}
+    for worker in workers:
+        by_fd[worker.process.sentinel] = worker
+        poller.register(worker.process.sentinel, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(0)]
 
 
 class Supervisor:
     """Runs *size* worker processes of *ctx* and feeds them tasks.
 
     Args:
-        on_answer: ``on_answer(job, index, status, payload)`` for each task
-            answered (status OK or ERROR, payload a store message), called in
-            the supervisor thread.
+        on_answer: ``on_answer(job, index, ok, payload)`` for each task
+            answered (*payload* a store message of the result, or of the
+            exception if not *ok*), called in the supervisor thread.
         on_failure: ``on_failure(job, index, exception)`` for a task whose
             worker died, that could not be sent, or that was still queued
             when the supervisor was terminated or broke.
@@ -97,7 +146,7 @@ class Supervisor:
             is gone and the supervisor has stopped.
         conventions: the failure rules of the workers (``Conventions``).
         depth: tasks a worker may have at once: the one it runs and
-            ``depth - 1`` waiting in its pipe, so that it starts the next
+            ``depth - 1`` waiting in its socket, so that it starts the next
             one without waiting for the supervisor.  A waiting task goes
             only to a worker when no worker is free, and it is sent again
             elsewhere if its worker dies before starting it.
@@ -120,36 +169,57 @@ class Supervisor:
         self._depth = depth
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()
-        self._workers: dict[object, _Worker] = {}
+        self._workers: dict[int, _Worker] = {}         # by socket descriptor
         self._state = State.RUNNING
         self._broken: WorkerDiedError | None = None
         self._stop_error = lambda: BrokenPoolError(
             "the pool was terminated before the task finished")
-        # The wake-up pipe: any thread writes a byte to wake the supervisor
-        # thread.  Its descriptors are closed when that thread ends; the
-        # write end is cleared first, under its own lock, so that a late
-        # wake-up never writes into a reused descriptor number.
+        # The wake-up pipe: a thread writes a byte to make the supervisor
+        # thread look at the queue and the state again, unless a wake-up
+        # is pending already (``_wake_pending``, under ``_lock``).  Its
+        # descriptors are closed when that thread ends; the write end is
+        # cleared first, under its own lock, so that a late wake-up never
+        # writes into a reused descriptor number.
+        self._pid = os.getpid()
+        self._wake_pending = False
         self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)       # a full pipe wakes it already
-        if not start_on_demand:
-            for _ in range(size):
-                self._spawn_locked()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)          # a full pipe wakes it already
+            own_parent_end(fd)
         self._thread = threading.Thread(target=self._run, name="shmpool-supervisor",
                                         daemon=True)
+        if not start_on_demand:
+            with self._lock:
+                for _ in range(size):
+                    self._spawn_locked()
         self._thread.start()
 
     # -- workers -----------------------------------------------------------
 
     def _spawn_locked(self) -> None:
-        ours, theirs = self._ctx.Pipe()
+        ours, theirs = socket.socketpair()
+        fd = ours.detach()
+        os.set_blocking(fd, False)
+        own_parent_end(fd)
+        conn = Connection(theirs.detach())
+        # PR_SET_PDEATHSIG fires when the *thread* that started the worker
+        # ends: ask for it only when that thread lives as long as we do.
+        here = threading.current_thread()
+        lasting = (here is threading.main_thread() or here is self._thread
+                   or self._ctx.get_start_method() == "forkserver")
         process = self._ctx.Process(
-            target=run_worker, args=(theirs, self._store, *self._worker_args),
-            name="shmpool-worker", daemon=True)
-        process.start()
-        theirs.close()
-        self._workers[ours] = _Worker(process, ours, self._worker_args[2])
-        self._wake()                 # the supervisor thread must watch it too
+            target=run_worker, args=(conn, self._store, *self._worker_args),
+            kwargs={"die_with_parent": lasting}, name="shmpool-worker", daemon=True)
+        try:
+            process.start()
+        except BaseException:
+            drop_parent_end(fd)
+            os.close(fd)
+            raise
+        finally:
+            conn.close()
+        self._workers[fd] = _Worker(process, fd, self._worker_args[2])
 
     @property
     def pids(self) -> list[int]:
@@ -179,15 +249,31 @@ class Supervisor:
     # -- tasks -------------------------------------------------------------
 
     def submit(self, job: int, index: int, message: bytes, held) -> None:
-        """Queue a task; *held* (an owning ref or None) is kept until the task
-        ends.  Raises BrokenPoolError if the supervisor no longer runs."""
+        """Queue task (*job*, *index*) whose payload is the store message
+        *message*; *held* (an owning ref or None) is kept until the task
+        ends.  An idle worker takes it at once (``on_dispatch`` runs here);
+        its bytes go out from the supervisor thread.  Never waits for a
+        worker or a socket: only for the lock and, with ``start_on_demand``,
+        for a worker process to start.
+
+        Raises:
+            BrokenPoolError: the supervisor no longer takes tasks.
+        """
         with self._lock:
             if self._state is not State.RUNNING:
                 raise BrokenPoolError(f"the pool is {self._state.value}; it takes no tasks")
             self._queue.append((job, index, message, held, False))
-            self._dispatch_locked()
+            wake = self._dispatch_locked() and self._wake_needed_locked()
+        if wake:
+            self._write_wake()
 
-    def _dispatch_locked(self) -> None:
+    def _dispatch_locked(self) -> bool:
+        """Give queued tasks to workers; True if any was given."""
+        before = len(self._queue)
+        self._fill_locked()
+        return len(self._queue) != before
+
+    def _fill_locked(self) -> None:
         for worker in list(self._workers.values()):
             if not worker.tasks and not worker.retiring:
                 if not self._give_locked(worker):
@@ -199,7 +285,7 @@ class Supervisor:
             self._spawn_locked()
             if not self._give_locked(list(self._workers.values())[-1]):
                 return
-        # Still tasks left: every worker is busy; queue more in their pipes.
+        # Still tasks left: every worker is busy; queue more in their sockets.
         for waiting in range(1, self._depth):
             for worker in list(self._workers.values()):
                 if len(worker.tasks) == waiting and not worker.retiring:
@@ -207,7 +293,7 @@ class Supervisor:
                         return
 
     def _give_locked(self, worker: _Worker) -> bool:
-        """Send the next task *on_dispatch* accepts to *worker*; False if
+        """Queue the next task *on_dispatch* accepts for *worker*; False if
         the queue ran out first."""
         while self._queue:
             entry = self._queue.popleft()
@@ -218,12 +304,11 @@ class Supervisor:
                 self._store.release(held)            # withdrawn: it never runs
         else:
             return False
-        message = entry[2]
         worker.tasks.append(entry[:4] + (True,))
         if worker.tasks_left is not None:
             worker.tasks_left -= 1
             worker.retiring = worker.tasks_left == 0
-        self._send(worker, message)
+        worker.writer.append(Task(job, index, entry[2]))
         return True
 
     # -- the supervisor thread ---------------------------------------------
@@ -233,91 +318,141 @@ class Supervisor:
         # go: building a selector per wake-up (multiprocessing's wait()) cost
         # more than handling a small answer.
         poller = select.poll()
-        watched: dict[int, tuple[str, _Worker | None]] = {}
+        masks: dict[int, int] = {}
         while True:
             with self._lock:
                 if self._state is State.STOPPED or (
                         self._state is not State.RUNNING and not self._workers):
                     self._state = State.STOPPED
                     break
-                wanted = {self._wake_r: ("wake", None)}
-                for worker in self._workers.values():
-                    wanted[worker.conn.fileno()] = ("answer", worker)
-                    wanted[worker.process.sentinel] = ("exit", worker)
-            for fd in watched.keys() - wanted.keys():
+                workers = list(self._workers.values())
+            roles: dict[int, tuple[str, _Worker | None]] = {self._wake_r: (_WAKE, None)}
+            wanted = {self._wake_r: select.POLLIN}
+            for worker in workers:
+                if not worker.reader.eof:        # at end-of-file, only the sentinel matters
+                    roles[worker.fd] = (_SOCKET, worker)
+                    wanted[worker.fd] = select.POLLIN | (
+                        select.POLLOUT if worker.writer.pending else 0)
+                roles[worker.process.sentinel] = (_EXIT, worker)
+                wanted[worker.process.sentinel] = select.POLLIN
+            for fd in masks.keys() - wanted.keys():
                 poller.unregister(fd)
-            for fd in wanted.keys() - watched.keys():
-                poller.register(fd, select.POLLIN)
-            watched = wanted
-            ready = [watched[fd] for fd, _ in poller.poll()]
-            for what, worker in ready:
-                if what == "wake":
-                    os.read(self._wake_r, 4096)
-                elif what == "answer":
-                    self._drain(worker)
-            for what, worker in ready:
-                if what == "exit":
-                    self._drain(worker, everything=True)   # answers sent before it died
-                    self._on_exit(worker)
-            self._stop_idle_workers_if_closing()
+            for fd, mask in wanted.items():
+                if masks.get(fd) != mask:
+                    poller.register(fd, mask)
+            masks = wanted
+            died = False
+            for fd, events in poller.poll():
+                role, worker = roles.get(fd, (None, None))
+                if role is _WAKE:
+                    self._take_wake_up()
+                elif role is _SOCKET:
+                    if events & select.POLLOUT:
+                        self._flush(worker)
+                    if events & ~select.POLLOUT:
+                        self._receive(worker)
+                elif role is _EXIT:
+                    died = True
+            if died:
+                self._handle_deaths()
+            with self._lock:
+                self._dispatch_locked()
+                self._stop_idle_workers_if_closing_locked()
+                workers = list(self._workers.values())
+            for worker in workers:
+                if worker.writer.pending:
+                    self._flush(worker)
         with self._wake_lock:
+            drop_parent_end(self._wake_w)
             os.close(self._wake_w)
             self._wake_w = None
+        drop_parent_end(self._wake_r)
         os.close(self._wake_r)
         if self._on_stop is not None:
             self._on_stop()
 
-    def _drain(self, worker: _Worker | None, *, everything: bool = False) -> None:
-        """Handle one answer of *worker*, which the poller found waiting; with
-        *everything*, every answer still in its pipe (it has exited)."""
-        while worker is not None:
-            try:
-                if everything and not worker.conn.poll():
-                    return
-                message = worker.conn.recv_bytes()
-            except (EOFError, OSError):
-                return
-            job, index, status = HEADER.unpack_from(message)
-            payload = memoryview(message)[HEADER.size:]
-            # Idle from now on, before the answer is delivered: a caller that
-            # submits as soon as it has its result finds this worker free.
-            # (Sends to a worker happen under the lock, so the ACK below and
-            # a caller's next task never interleave on the pipe.)
-            with self._lock:
-                task = worker.tasks.popleft() if worker.tasks else None
-            self._on_answer(job, index, status, payload)     # takes its own hold
-            with self._lock:
-                if self._store.is_held_message(payload):
-                    self._send(worker, ACK)                  # the worker lets go
-                self._dispatch_locked()
-            if task is not None and task[3] is not None:
-                self._store.release(task[3])                 # the task's arguments
-            if not everything:
-                return
+    def _take_wake_up(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:                 # after emptying the pipe: see _wake_needed_locked
+            self._wake_pending = False
+
+    def _receive(self, worker: _Worker, *, everything: bool = False) -> None:
+        """Handle the answers *worker* has sent; a partial one waits in its
+        reader.  With *everything*, read until nothing is left (it has
+        exited, so what it sent is all there)."""
+        try:
+            messages = worker.reader.read(sys.maxsize) if everything else worker.reader.read()
+        except ValueError as exc:                # not our protocol: end it
+            print(f"shmpool: worker process {worker.process.pid}: {exc}", file=sys.stderr)
+            worker.process.kill()
+            worker.reader.eof = True
+            return
+        for message in messages:
+            if isinstance(message, Answer):
+                self._deliver(worker, message)
+
+    def _deliver(self, worker: _Worker, answer: Answer) -> None:
+        # Idle from now on, before the answer is delivered: a caller that
+        # submits as soon as it has its result finds this worker free.
+        with self._lock:
+            task = worker.tasks.popleft() if worker.tasks else None
+        self._on_answer(answer.job, answer.index, answer.ok, answer.payload)  # takes its hold
+        if self._store.is_held_message(answer.payload):
+            worker.writer.append(ACK)                 # the worker lets go
+        if task is not None and task[3] is not None:
+            self._store.release(task[3])              # the task's arguments
 
     @staticmethod
-    def _send(worker: _Worker, message: bytes) -> None:
+    def _flush(worker: _Worker) -> None:
         try:
-            worker.conn.send_bytes(message)
+            worker.writer.flush()
         except OSError:
-            pass          # it died: its sentinel says so shortly
+            worker.writer.clear()       # it died: its sentinel says so shortly
+
+    def _handle_deaths(self) -> None:
+        """Read the answers of every dead worker, then reap, then fail their
+        tasks.  Reaping frees the holds of *every* dead process, so a worker
+        reaped before its socket is read would lose the answers it sent."""
+        dead: dict[int, _Worker] = {}
+        while True:                      # callbacks run meanwhile: others may die
+            with self._lock:
+                alive = [w for w in self._workers.values() if w.fd not in dead]
+            newly = _exited(alive)
+            if not newly:
+                break
+            for worker in newly:
+                dead[worker.fd] = worker
+                self._receive(worker, everything=True)
+        # A process can be dead for the store before its sentinel fires (under
+        # forkserver the sentinel is the forkserver's report of the exit), and
+        # the reap frees its holds too: take what every other worker has sent
+        # as well.  What a process sent before dying is all in its socket.
+        for worker in alive:
+            self._receive(worker)
+        self._store.raw.reap_dead_processes()    # their views, their unsealed objects
+        for worker in dead.values():
+            self._on_exit(worker)
 
     def _on_exit(self, worker: _Worker) -> None:
         worker.process.join()
         with self._lock:
-            self._workers.pop(worker.conn, None)
+            self._workers.pop(worker.fd, None)
             task = worker.tasks.popleft() if worker.tasks else None
             unstarted, worker.tasks = list(worker.tasks), collections.deque()
             # A death, not a retirement or a STOP: the pool breaks if so told.
             breaks = (self._break_on_death and (task is not None or not worker.retiring)
                       and self._state in (State.RUNNING, State.CLOSING))
             if not breaks:
-                # Tasks waiting in the dead worker's pipe never started: they
-                # go first to another worker (or fail with the queue).
+                # Tasks waiting in the dead worker's socket never started:
+                # they go first to another worker (or fail with the queue).
                 self._queue.extendleft(reversed(unstarted))
                 unstarted = []
-        worker.conn.close()
-        self._store.raw.reap_dead_processes()    # its views, its unsealed objects
+        drop_parent_end(worker.fd)
+        os.close(worker.fd)
         pid, exitcode = worker.process.pid, worker.process.exitcode
 
         def broke() -> WorkerDiedError:      # what every unfinished task gets
@@ -346,25 +481,42 @@ class Supervisor:
         with self._lock:
             if self._state is State.RUNNING and not self._start_on_demand:
                 self._spawn_locked()
-            self._dispatch_locked()
 
-    def _stop_idle_workers_if_closing(self) -> None:
-        with self._lock:
-            if self._state is not State.CLOSING or self._queue:
-                return
-            for worker in self._workers.values():
-                if not worker.tasks and not worker.retiring:
-                    worker.retiring = True
-                    self._send(worker, STOP)
+    def _stop_idle_workers_if_closing_locked(self) -> None:
+        if self._state is not State.CLOSING or self._queue:
+            return
+        for worker in self._workers.values():
+            if not worker.tasks and not worker.retiring:
+                worker.retiring = True
+                worker.writer.append(STOP)
 
-    def _wake(self) -> None:
+    def _wake_needed_locked(self) -> bool:
+        """Mark a wake-up pending; True if the caller must write it.
+
+        The supervisor thread empties the pipe, then clears the mark, then
+        looks at the queue and the state: whatever a thread changed before
+        finding the mark set is seen by that look."""
+        if self._wake_pending or threading.current_thread() is self._thread:
+            return False
+        self._wake_pending = True
+        return True
+
+    def _write_wake(self) -> None:
         with self._wake_lock:
-            if self._wake_w is None:         # the supervisor thread has ended
+            # Gone, or a fork child's copy of the supervisor (its descriptors
+            # were closed at fork): nothing to wake.
+            if self._wake_w is None or os.getpid() != self._pid:
                 return
             try:
                 os.write(self._wake_w, b"x")
             except OSError:                  # full: the thread has a wake-up pending
                 pass
+
+    def _wake(self) -> None:
+        with self._lock:
+            wake = self._wake_needed_locked()
+        if wake:
+            self._write_wake()
 
     # -- shutdown ----------------------------------------------------------
 

@@ -1,17 +1,8 @@
-"""The worker process: run tasks from one pipe, answer on the same pipe.
+"""The worker process: run tasks from one socket, answer on the same socket.
 
-A worker owns one end of a duplex pipe to its supervisor.  Every message,
-both ways, starts with ``HEADER`` (job id, index in the job, status); what
-follows is a store message (``ObjectStore.encode``): an in-band pickle for
-small values, a ref for big ones.  The job and index stay readable even when
-the payload cannot be unpickled, so every failure is reported for its task.
-
-    supervisor -> worker   HEADER(job, index, TASK) + (kind, func, args, kwds)
-                           ACK: the oldest answer in the store was received
-                           STOP (b""): exit
-    worker -> supervisor   HEADER(job, index, OK)    + result
-                           HEADER(job, index, ERROR) + exception (remote
-                               traceback as ``__cause__``)
+A worker owns one end of a stream socket to its supervisor and speaks the
+protocol of ``_protocol``: it receives Task, ACK and STOP, and sends one
+Answer per task, in order.
 
 Both sides *hold* what they send until the other side has its own hold:
 the supervisor holds a task's arguments until the answer arrives; a worker
@@ -20,6 +11,16 @@ So a process that dies leaves no count behind that nobody owns: reaping
 its holds frees everything it sent and nobody received.  A worker exits
 after *maxtasks* tasks; the supervisor counts them too, and sends it no
 more.  No threads run here.
+
+**A worker never outlives its parent.**  Every wait (for a task, for room
+to send an answer) also watches the parent's sentinel, and the socket
+reports end-of-file once the parent's end is closed everywhere: under
+fork, each child closes its inherited copies of every supervisor's ends
+(``_protocol.own_parent_end``), so only the parent holds them.  Where the thread
+that started the worker lives as long as the parent (the main thread, or
+a supervisor thread), the worker also asks the kernel to SIGKILL it when
+that thread dies (``PR_SET_PDEATHSIG``), which ends even a task that
+never returns.
 
 Failures follow the rules of the front end the worker serves
 (``Conventions``): ``multiprocessing.pool``'s for the Pool,
@@ -31,12 +32,14 @@ reported, and in what a failing initializer does (see ``Conventions``).
 from __future__ import annotations
 
 import collections
+import ctypes
 import enum
 import logging
 import multiprocessing
 import os
 import select
-import struct
+import signal
+import sys
 # concurrent.futures' own carrier: its futures' exceptions must have that
 # module's _RemoteTraceback as __cause__, as the standard library's do.
 from concurrent.futures.process import _ExceptionWithTraceback
@@ -45,16 +48,12 @@ from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
 from ._default_store import use_store
 from ._errors import BrokenPoolError, SerializationError
+from ._protocol import ACK, APPLY, MAP, STOP, Answer, FrameReader, FrameWriter, Task
 from ._serialization import ObjectStore
 
-__all__ = ["HEADER", "TASK", "OK", "ERROR", "APPLY", "MAP", "STARMAP", "ACK", "STOP",
-           "Conventions", "run_worker"]
+__all__ = ["Conventions", "run_worker"]
 
-HEADER = struct.Struct("<QIB")
-TASK, OK, ERROR = 0, 1, 2
-APPLY, MAP, STARMAP = 0, 1, 2
-ACK = b"A"
-STOP = b""
+_PR_SET_PDEATHSIG = 1
 
 
 class Conventions(enum.Enum):
@@ -80,7 +79,7 @@ class Conventions(enum.Enum):
     FUTURES = "concurrent.futures"
 
     def wrap(self, exc: BaseException):
-        """*exc* as an answer: it carries its traceback across the pipe."""
+        """*exc* as an answer: it carries its traceback across the socket."""
         if self is Conventions.POOL:
             return ExceptionWithTraceback(exc, exc.__traceback__)
         return _ExceptionWithTraceback(exc, exc.__traceback__)
@@ -99,29 +98,29 @@ def _call(kind: int, func, args, kwds):
     return list(starmap(func, args))
 
 
-def _encode_answer(store: ObjectStore, job: int, index: int, status: int, value,
-                   conventions: Conventions):
-    """The answer message, and the owning ref the worker keeps until ACK."""
+def _encode_answer(store: ObjectStore, job: int, index: int, ok: bool, value,
+                   conventions: Conventions) -> tuple[Answer, object]:
+    """The answer, and the owning ref the worker keeps until ACK."""
     if conventions is Conventions.POOL:
         try:
             payload, held = store.encode_held(value)
         except SerializationError as exc:
             # The stdlib reports an unpicklable result or exception this way.
-            status = ERROR
+            ok = False
             payload, held = store.encode_held(MaybeEncodingError(exc.__cause__ or exc, value))
-        return HEADER.pack(job, index, status) + payload, held
+        return Answer(job, index, ok, payload), held
     try:
         payload, held = store.encode_held(value)
     except BaseException as exc:       # SystemExit in a __reduce__ is an answer too
         error = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
-        status = ERROR
+        ok = False
         try:
             payload, held = store.encode_held(conventions.wrap(error))
         except BaseException:          # the error itself does not pickle either
             payload, held = store.encode_held(conventions.wrap(SerializationError(
                 f"cannot pickle the answer of the task, nor the error {error!r} "
                 f"raised while pickling it")))
-    return HEADER.pack(job, index, status) + payload, held
+    return Answer(job, index, ok, payload), held
 
 
 def _run_initializer(initializer, initargs, conventions: Conventions) -> None:
@@ -136,39 +135,83 @@ def _run_initializer(initializer, initargs, conventions: Conventions) -> None:
         raise SystemExit(1) from None
 
 
-class _Inbox:
-    """The worker's end of its pipe, watched together with the parent's
-    sentinel.  Under fork this process holds a copy of the parent's end of
-    the pipe too, so EOF never comes: the parent's sentinel is what tells
-    that it died.  One poll object serves every wait (building a selector
-    per message, as ``multiprocessing.connection.wait`` does, cost more than
-    a small task)."""
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started
+    it dies (Linux; elsewhere a no-op: the waits below still see it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
-    def __init__(self, conn, parent_sentinel: int) -> None:
-        self._conn = conn
-        self._fd = conn.fileno()
+
+class _Channel:
+    """The worker's end of its socket, every wait watching the parent too.
+
+    ``receive`` and ``send`` block until they are done or the parent is
+    gone (its sentinel fires, or the socket reports end-of-file); there is
+    no other bound.  While a send waits for room, what the supervisor sends
+    is read and kept, so neither side waits for the other.  One poll object
+    serves every wait (a selector per message, as
+    ``multiprocessing.connection.wait`` builds, cost more than a small task).
+    """
+
+    def __init__(self, fd: int, parent_sentinel: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._sentinel = parent_sentinel
+        self._reader = FrameReader(fd)
+        self._writer = FrameWriter(fd)
+        self._inbox: collections.deque = collections.deque()
         self._poller = select.poll()
-        self._poller.register(self._fd, select.POLLIN)
+        self._poller.register(fd, select.POLLIN)
         self._poller.register(parent_sentinel, select.POLLIN)
 
-    def receive(self) -> bytes | None:
+    def parent_gone(self) -> bool:
+        """True if the parent's sentinel has fired (does not wait)."""
+        return self._wait(select.POLLIN, 0) is None
+
+    def receive(self):
         """The next message, or None once the parent is gone."""
-        ready = {fd for fd, _ in self._poller.poll()}
-        if self._fd in ready:
-            try:
-                return self._conn.recv_bytes()
-            except (EOFError, OSError):
+        while not self._inbox:
+            if self._reader.eof or self._wait(select.POLLIN) is None:
                 return None
-        return None                      # only the parent's sentinel: it died
+            self._inbox.extend(self._reader.read())
+        return self._inbox.popleft()
+
+    def send(self, message) -> bool:
+        """Send *message*; False if the parent is gone first."""
+        self._writer.append(message)
+        try:
+            while not self._writer.flush():
+                events = self._wait(select.POLLIN | select.POLLOUT)
+                if events is None:
+                    return False
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    self._inbox.extend(self._reader.read())
+                    if self._reader.eof:
+                        return False
+        except OSError:                 # EPIPE: the parent's end is closed
+            return False
+        return True
+
+    def _wait(self, events: int, timeout: int | None = None) -> int | None:
+        """The events of the socket once one of *events* (or a hang-up)
+        is there; None if the parent's sentinel fired."""
+        self._poller.modify(self._fd, events)
+        ready = dict(self._poller.poll(timeout))
+        if self._sentinel in ready:
+            return None
+        return ready.get(self._fd, 0)
 
 
-def _decode_task(store: ObjectStore, message, conventions: Conventions):
-    """``(kind, func, args, kwds)`` of a TASK message."""
-    payload = memoryview(message)[HEADER.size:]
+def _decode_task(store: ObjectStore, task: Task, conventions: Conventions):
+    """``(call, func, args, kwds)`` of *task*."""
     if conventions is Conventions.POOL:
-        return store.decode(payload)
+        return store.decode(task.payload)
     try:
-        return store.decode(payload)
+        return store.decode(task.payload)
     except BaseException as exc:
         raise BrokenPoolError(
             f"worker process {os.getpid()} cannot unpickle the task's function or "
@@ -178,44 +221,52 @@ def _decode_task(store: ObjectStore, message, conventions: Conventions):
 
 
 def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks,
-               conventions: Conventions = Conventions.POOL) -> None:
+               conventions: Conventions = Conventions.POOL, *,
+               die_with_parent: bool = False) -> None:
     """Process main: run tasks until told to stop, the parent dies, or
-    *maxtasks* tasks are done and answered.  Failures follow *conventions*."""
+    *maxtasks* tasks are done and answered.  Failures follow *conventions*.
+    *conn* is the worker's end of its socket (a ``Connection``, for
+    pickling under spawn); *die_with_parent*: set ``PR_SET_PDEATHSIG``
+    (only when the starting thread lives as long as the parent)."""
     parent_sentinel = multiprocessing.parent_process().sentinel
+    if die_with_parent:
+        _die_with_parent()
+    channel = _Channel(conn.fileno(), parent_sentinel)
+    if channel.parent_gone():           # it died before the line above
+        return
     # Under fork this process inherited the parent's views; tasks get their
     # data as arguments, so do not keep the parent's objects alive.
     store.raw.forget_inherited_holds()
     use_store(store)         # shmpool.empty() in a task builds its result in place
     if initializer is not None:
         _run_initializer(initializer, initargs, conventions)
-    inbox = _Inbox(conn, parent_sentinel)
     unacknowledged: collections.deque = collections.deque()
     done = 0
     while maxtasks is None or done < maxtasks:
-        message = inbox.receive()
-        if message is None or message == STOP:      # the parent is gone, or says stop
+        message = channel.receive()
+        if message is None or message is STOP:      # the parent is gone, or says stop
             return
-        if message == ACK:
+        if message is ACK:
             store.release(unacknowledged.popleft())
             continue
-        job, index, _ = HEADER.unpack_from(message)
         try:
             kind, func, args, kwds = _decode_task(store, message, conventions)
-            answer, held = _encode_answer(store, job, index, OK, _call(kind, func, args, kwds),
-                                          conventions)
+            answer, held = _encode_answer(store, message.job, message.index, True,
+                                          _call(kind, func, args, kwds), conventions)
         except conventions.answered as exc:
-            answer, held = _encode_answer(store, job, index, ERROR, conventions.wrap(exc),
-                                          conventions)
-        func = args = kwds = None                   # drop views of the arguments now
+            answer, held = _encode_answer(store, message.job, message.index, False,
+                                          conventions.wrap(exc), conventions)
+        func = args = kwds = message = None         # drop views of the arguments now
         if held is not None:
             unacknowledged.append(held)
-        conn.send_bytes(answer)
+        if not channel.send(answer):
+            return
         done += 1
     # Retiring: wait for the last acknowledgements, so that nothing this
     # process sent is freed before the supervisor holds it.
     while unacknowledged:
-        message = inbox.receive()
+        message = channel.receive()
         if message is None:
             return
-        if message == ACK:
+        if message is ACK:
             store.release(unacknowledged.popleft())

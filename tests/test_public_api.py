@@ -8,7 +8,7 @@ import shmpool
 PACKAGE = pathlib.Path(shmpool.__file__).parent
 
 #: Each module may import only modules listed after it (lower layers).
-LAYERS = ["_context", "_queue", "_pool", "_executor", "_supervisor", "_worker", "_default_store", "_serialization", "_store", "_liveness", "_allocator", "_arena",
+LAYERS = ["_context", "_queue", "_pool", "_executor", "_supervisor", "_worker", "_protocol", "_default_store", "_serialization", "_store", "_liveness", "_allocator", "_arena",
           "_posix", "_records", "_errors"]
 
 
