@@ -21,6 +21,8 @@ import errno
 import functools
 import os
 import re
+import signal
+import sys
 import time
 
 from ._errors import StoreFullError
@@ -31,12 +33,14 @@ __all__ = [
     "RobustMutex",
     "commit_pages",
     "create_segment",
+    "die_with_parent",
     "process_is_alive",
     "shm_free_bytes",
     "shmpool_names",
 ]
 
 SHM_DIR = "/dev/shm"
+_PR_SET_PDEATHSIG = 1
 #: What earlier versions of shmpool named their objects in ``/dev/shm``
 #: (``shmp_<pid>_<hex>``, semaphores with a ``sem.`` prefix).  Nothing
 #: creates such names any more; tests look for them to prove it.
@@ -111,6 +115,17 @@ def process_is_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state not in (b"Z", b"X")
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started
+    it dies (``PR_SET_PDEATHSIG``; Linux only, elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def shmpool_names() -> set[str]:

@@ -32,20 +32,18 @@ reported, and in what a failing initializer does (see ``Conventions``).
 from __future__ import annotations
 
 import collections
-import ctypes
 import enum
 import logging
 import multiprocessing
 import os
 import select
-import signal
-import sys
 # concurrent.futures' own carrier: its futures' exceptions must have that
 # module's _RemoteTraceback as __cause__, as the standard library's do.
 from concurrent.futures.process import _ExceptionWithTraceback
 from itertools import starmap
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
+from . import _posix
 from ._default_store import use_store
 from ._errors import BrokenPoolError, SerializationError
 from ._protocol import ACK, APPLY, MAP, STOP, Answer, FrameReader, FrameWriter, Task
@@ -53,7 +51,6 @@ from ._serialization import ObjectStore
 
 __all__ = ["Conventions", "run_worker"]
 
-_PR_SET_PDEATHSIG = 1
 
 
 class Conventions(enum.Enum):
@@ -133,17 +130,6 @@ def _run_initializer(initializer, initargs, conventions: Conventions) -> None:
         logging.getLogger("concurrent.futures").critical(
             "Exception in initializer of worker process %d:", os.getpid(), exc_info=True)
         raise SystemExit(1) from None
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when the thread that started
-    it dies (Linux; elsewhere a no-op: the waits below still see it)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Channel:
@@ -230,7 +216,7 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks,
     (only when the starting thread lives as long as the parent)."""
     parent_sentinel = multiprocessing.parent_process().sentinel
     if die_with_parent:
-        _die_with_parent()
+        _posix.die_with_parent()
     channel = _Channel(conn.fileno(), parent_sentinel)
     if channel.parent_gone():           # it died before the line above
         return
