@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import itertools
 import multiprocessing
+import multiprocessing.pool
 import os
 import threading
 import traceback
@@ -232,8 +233,15 @@ def _flatten(chunked):
         yield from chunk
 
 
-class Pool:
+class Pool(multiprocessing.pool.Pool):
     """A process pool with the API of ``multiprocessing.Pool``.
+
+    It is a ``multiprocessing.pool.Pool`` for ``isinstance`` (dask, for one,
+    takes only those as pools), and keeps the two attributes libraries read:
+    ``_processes`` (the worker count) and ``_pool`` (the worker ``Process``
+    objects now running).  None of the standard library's machinery runs:
+    its ``__init__`` is never called, and every public method is this
+    class's own.
 
     Args:
         processes: worker count (default ``os.cpu_count()``).
@@ -427,6 +435,15 @@ class Pool:
         supervisor.terminate()
         supervisor.join()
         store.close()
+
+    @property
+    def _pool(self) -> list:
+        """The worker ``Process`` objects now running (a new list each time),
+        as the standard library's Pool keeps them."""
+        return list(self._supervisor.processes.values())
+
+    def _repopulate_pool(self) -> None:
+        """Workers are replaced by the supervisor as they exit; nothing to do."""
 
     def statistics(self) -> PoolStatistics:
         """The store's statistics, the workers, and the unfinished results."""

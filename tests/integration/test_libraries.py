@@ -1,10 +1,6 @@
 """Libraries that take a pool, an executor or a context: dask, joblib,
 asyncio, tqdm, logging's QueueHandler.  Same results as with the standard
 library; big blocks through the store where the library lets them.
-
-What waits on shmpool's own Pool becoming a ``multiprocessing.pool.Pool``
-(dask's ``pool=shmpool.Pool(2)``) is marked ``xfail(strict=True)``: it
-must start passing, and then the mark goes.
 """
 
 import asyncio
@@ -86,10 +82,6 @@ def test_dask_with_shmpool_s_executor(dask_expected):
         assert testing.pool_store(executor).statistics().peak_in_use >= 2 * MiB
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="dask treats a pool that is not a multiprocessing.pool.Pool as an "
-                          "executor ('Pool' object has no attribute 'submit'); passes once "
-                          "shmpool.Pool is one, with _pool kept true (issue 13)")
 def test_dask_with_shmpool_s_pool(dask_expected):
     with shmpool.Pool(2, context=multiprocessing.get_context("spawn")) as pool:
         _check_dask(pool, dask_expected)
