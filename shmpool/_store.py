@@ -20,10 +20,12 @@ Holds.  An object lives while somebody holds it:
   already lived in the store refers to it instead of copying it).
 
 When the last hold goes the block is freed at once, in whichever process
-drops it.  The rules that decide who holds what, and when, are the
-"Lifetime rules" below; each is kept by the code section of that name.  Views release their hold from a ``weakref.finalize`` on the
-buffer *exporter* (a ctypes array), never on a memoryview: numpy and
-memoryview re-export from the exporter, so it dies only with the last view.
+drops it.  Who holds what, and until when, is decided by the "Lifetime
+rules" below, kept by the code section of that name.
+
+Views release their hold from a ``weakref.finalize`` on the buffer
+*exporter* (a ctypes array), never on a memoryview: numpy and memoryview
+re-export from the exporter, so it dies only with the last view.
 A finalizer may run inside the garbage collector while this thread already
 holds the lock (CPython issue 12352), so it never blocks: it tries the lock
 and otherwise leaves the release to a drainer thread (started on the first
@@ -54,7 +56,8 @@ Lifetime rules:
 4. *Close keeps what views show.*  ``close()`` releases the holds of owning
    refs at once, but the holds of live views stay, each released with its
    view; the mapping stays until the last one is gone, and then the
-   process's index is freed.  A dropped store does the same.
+   process's index is freed.  A dropped store does the same.  At exit a
+   process lets go of everything, views included.
 5. *Delete hides, never frees under a referrer.*  ``delete`` makes ``get``
    fail, but an object that depends on the deleted one keeps it, and reads
    it through ``get_dependency``.
