@@ -91,7 +91,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _liveness
-from ._allocator import FreeListAllocator
+from ._allocator import CLEAN_EXITS, FreeListAllocator
 from ._arena import Arena
 from ._errors import (
     ClosedError,
@@ -200,7 +200,10 @@ class StoreStatistics:
     attached_processes: int
     """Processes holding an index in the process table (dead ones until reaped)."""
     lock_takeovers: int
-    """Times a process took the lock over from a holder that had died."""
+    """Times a holder died holding the lock (the next locker repaired)."""
+    repairs: int
+    """Times a locker found a section left mid-change (its holder died, or an
+    exception escaped it) and rebuilt the state."""
     max_objects: int
     """Size of the object table."""
 
@@ -551,13 +554,11 @@ class RawStore:
                     self._alloc.lock()
                 elif not self._alloc.try_lock():
                     return False
-                try:
+                with _HeldLock(self._alloc):
                     self._drain_deferred_locked()
                     if self._nviews:
                         return True
                     self._release_process_locked(self._index)
-                finally:
-                    self._alloc.unlock()
             except Exception:
                 pass       # a broken arena must not stop the close
             self._detach()
@@ -725,11 +726,9 @@ class RawStore:
         if self._detached or os.getpid() != self._pid:
             return
         if self._alloc.try_lock():
-            try:
+            with _HeldLock(self._alloc):
                 self._drain_deferred_locked()
                 self._drop_hold_locked(key, kind, epoch)
-            finally:
-                self._alloc.unlock()
             if not self._finish_close(blocking=False):
                 self._wake_drainer()
         else:
@@ -1102,7 +1101,8 @@ class RawStore:
             capacity=a.capacity, in_use=a.in_use, peak_in_use=a.peak_in_use,
             live_objects=live, largest_free_block=a.largest_free_block,
             committed=a.committed, fallbacks=fallbacks, attached_processes=procs,
-            lock_takeovers=a.lock_takeovers, max_objects=self._max_objects)
+            lock_takeovers=a.lock_takeovers, repairs=a.repairs,
+            max_objects=self._max_objects)
 
     # -- repair and invariants ---------------------------------------------
 
@@ -1194,8 +1194,27 @@ class RawStore:
         self.close()
 
 
+class _HeldLock:
+    """``with _HeldLock(alloc):`` around a section whose arena lock the
+    caller has just taken: released on exit, and left marked for repair
+    unless the section ended clean (no exception, or one of CLEAN_EXITS,
+    which are raised before any shared write)."""
+
+    __slots__ = ("_alloc",)
+
+    def __init__(self, alloc: FreeListAllocator) -> None:
+        self._alloc = alloc
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._alloc.unlock(consistent=exc_type is None or issubclass(exc_type, CLEAN_EXITS))
+
+
 class _DrainingLock:
-    """``with store._locked():`` the arena lock, draining deferred releases."""
+    """``with store._locked():`` the arena lock, draining deferred releases;
+    released as ``_HeldLock`` releases it."""
 
     __slots__ = ("_store",)
 
@@ -1203,15 +1222,16 @@ class _DrainingLock:
         self._store = store
 
     def __enter__(self):
-        self._store._alloc.lock()
+        alloc = self._store._alloc
+        alloc.lock()
         try:
             self._store._drain_deferred_locked()
-        except BaseException:
-            self._store._alloc.unlock()
+        except BaseException as exc:
+            alloc.unlock(consistent=isinstance(exc, CLEAN_EXITS))
             raise
 
-    def __exit__(self, *exc):
-        self._store._alloc.unlock()
+    def __exit__(self, exc_type, exc, tb):
+        _HeldLock(self._store._alloc).__exit__(exc_type, exc, tb)
 
 
 # Rule 3's hooks.  _fd_guard is held from before a fork until after it, and

@@ -253,3 +253,25 @@ def test_encode_small_stays_in_band_and_big_goes_through_store(store):
     live = store.statistics().live_objects
     store.discard(undelivered)
     assert store.statistics().live_objects == live - 1
+
+
+def test_an_interrupt_inside_a_store_section_is_repaired_by_the_next_locker():
+    with RawStore(1 << 20) as store:
+        ref = store.create(1000).seal()
+        before = store.statistics().repairs
+        with pytest.raises(KeyboardInterrupt):
+            with store._locked():
+                raise KeyboardInterrupt          # as if Ctrl-C cut a change
+        assert store.statistics().repairs == before + 1
+        assert bytes(store.get(ref)[:4]) == bytes(4)
+        testing.check_invariants(store)
+
+
+def test_a_validation_error_ends_a_store_section_clean():
+    with RawStore(1 << 20) as store:
+        ref = store.create(1000).seal()
+        store.release(ref)
+        before = store.statistics().repairs
+        with pytest.raises(shmpool.ObjectNotFoundError):
+            store.get(ref)                        # stale: refused before any write
+        assert store.statistics().repairs == before
