@@ -533,6 +533,12 @@ class LifetimeModel(RuleBasedStateMachine):
                 "space did not all come back"
             self.store._check_invariants()
         finally:
+            # A failed step may have left helpers waiting on their pipes.
+            for process in [child for child, _, _ in self.children.values()] + [
+                    self.peer.process]:
+                if process.is_alive():
+                    process.kill()
+                    process.join(DEADLOCK_TIMEOUT)
             self.store.close()
 
 
