@@ -208,10 +208,16 @@ def _soak(mp_context, seconds: float) -> None:
         growth = _private_bytes() - memory_at_warmup
         settled = testing.settled_statistics(pool_store, pool_baseline)
         testing.check_invariants(pool_store)
-        queue_store = testing.queue_store(queue)
-        queue_settled = testing.settled_statistics(queue_store, queue_baseline)
-        queue.close()
-        queue.join_thread()
+    # Workers forked while the parent held queue items hold them too, until
+    # they exit (a fork child keeps what it inherited alive): so the queue's
+    # store is checked once the pool's and the executors' workers are gone,
+    # and their holds reaped.
+    queue_store = testing.queue_store(queue)
+    queue_store.raw.reap_dead_processes()
+    queue_settled = testing.settled_statistics(queue_store, queue_baseline)
+    held_by = queue_store.raw.usage_by_process()
+    queue.close()
+    queue.join_thread()
     print(f"soak {seconds:.0f}s: {tally.results} values checked "
           f"({tally.bytes / 2**30:.1f} GiB), {tally.deaths} tasks failed by "
           f"{killer.kills} kills, {len(executors)} executors, private memory "
@@ -220,7 +226,8 @@ def _soak(mp_context, seconds: float) -> None:
     assert (settled.live_objects, settled.in_use) == (
         pool_baseline.live_objects, pool_baseline.in_use), "the pool's store kept objects"
     assert (queue_settled.live_objects, queue_settled.in_use) == (
-        queue_baseline.live_objects, queue_baseline.in_use), "the queue's store kept objects"
+        queue_baseline.live_objects, queue_baseline.in_use), (
+        f"the queue's store kept objects: held by {held_by}")
     assert growth < 64 * MiB, f"the parent's private memory grew {growth / MiB:.0f} MiB"
 
 
