@@ -24,6 +24,10 @@ All of them run, unedited, under every start method.
 
 import pytest
 
+#: Long (the standard library's own pools, under every start method), and
+#: what it checks, the context's queues, is the same code on every Python.
+pytestmark = pytest.mark.once
+
 from _cpython_executor_harness import EXCLUSIONS_ON_CONTEXT, MISSING, unknown_rows
 from _cpython_executor_harness import TEST_CASES as EXECUTOR_CASES
 from _cpython_multiprocessing_harness import POOL_BASES, cases_of

@@ -19,7 +19,7 @@ from shmpool import testing
 
 from conftest import DEADLOCK_TIMEOUT
 
-pytestmark = pytest.mark.timeout(DEADLOCK_TIMEOUT * 3)
+pytestmark = [pytest.mark.timeout(DEADLOCK_TIMEOUT * 3), pytest.mark.once]
 
 MiB = 1 << 20
 #: One dask block: 2 MiB of float64, above the store's threshold.
