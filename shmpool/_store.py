@@ -20,10 +20,12 @@ Holds.  An object lives while somebody holds it:
   already lived in the store refers to it instead of copying it).
 
 When the last hold goes the block is freed at once, in whichever process
-drops it.  The rules that decide who holds what, and when, are the
-"Lifetime rules" below; each is kept by the code section of that name.  Views release their hold from a ``weakref.finalize`` on the
-buffer *exporter* (a ctypes array), never on a memoryview: numpy and
-memoryview re-export from the exporter, so it dies only with the last view.
+drops it.  Who holds what, and until when, is decided by the "Lifetime
+rules" below, kept by the code section of that name.
+
+Views release their hold from a ``weakref.finalize`` on the buffer
+*exporter* (a ctypes array), never on a memoryview: numpy and memoryview
+re-export from the exporter, so it dies only with the last view.
 A finalizer may run inside the garbage collector while this thread already
 holds the lock (CPython issue 12352), so it never blocks: it tries the lock
 and otherwise leaves the release to a drainer thread (started on the first
@@ -54,7 +56,8 @@ Lifetime rules:
 4. *Close keeps what views show.*  ``close()`` releases the holds of owning
    refs at once, but the holds of live views stay, each released with its
    view; the mapping stays until the last one is gone, and then the
-   process's index is freed.  A dropped store does the same.
+   process's index is freed.  A dropped store does the same.  At exit a
+   process lets go of everything, views included.
 5. *Delete hides, never frees under a referrer.*  ``delete`` makes ``get``
    fail, but an object that depends on the deleted one keeps it, and reads
    it through ``get_dependency``.
@@ -294,6 +297,7 @@ class RawStore:
         self.token = arena.token
         self.space_timeout = space_timeout
         self._closed = False          # close() was called: the API refuses
+        self._closed_why = "this store is closed (create a new one)"
         self._detached = False        # and the last view is gone: nothing held here
         self._local: dict[tuple[int, int], int] = {}       # (slot, gen) -> holds here
         self._nviews = 0                                   # live exporters (views)
@@ -352,25 +356,31 @@ class RawStore:
         return _liveness.is_held(self._live_fd, self._proc_at(index))
 
     def _claim_process_index_locked(self, fd: int) -> int:
-        """Rule 2: take a free index for the process whose liveness
-        description is *fd* (reaping dead ones on the way) and lock its byte
+        """Rule 2: reap every dead index, then take the first free one for
+        the process whose liveness description is *fd*, locking its byte
         through *fd*.  The entry gets this process's pid.
 
         Raises:
             StoreFullError: MAX_PROCESSES indexes are alive.
         """
+        claimed = None
         for index in range(MAX_PROCESSES):
             at = self._proc_at(index)
+            attached = self._words[at >> 3]
+            if not attached and claimed is not None:
+                continue
             if _liveness.is_held(fd, at):
                 continue          # alive, or leaving (entry cleared, fd not yet closed)
-            if self._words[at >> 3]:
+            if attached:
                 self._release_process_locked(index)      # it died
-            if _liveness.try_hold(fd, at):
-                self._put64(at, os.getpid())
-                return index
-        raise StoreFullError(
-            f"{MAX_PROCESSES} live processes are attached to this store; "
-            f"no more can attach (use fewer worker processes)")
+            if claimed is None and _liveness.try_hold(fd, at):
+                claimed = index
+        if claimed is None:
+            raise StoreFullError(
+                f"{MAX_PROCESSES} live processes are attached to this store; "
+                f"no more can attach (use fewer worker processes)")
+        self._put64(self._proc_at(claimed), os.getpid())
+        return claimed
 
     def _release_process_locked(self, index: int) -> None:
         """Release every hold process *index* has, abort the objects it was
@@ -452,6 +462,11 @@ class RawStore:
             # taken, or the store broke): nothing here is held, so the store
             # is unusable in this process.
             self._closed = self._detached = True
+            self._closed_why = (
+                f"this process was forked while no index of the store's process "
+                f"table could be claimed for it ({MAX_PROCESSES} processes attached, "
+                f"or the store broken), so it holds nothing here (attach fewer "
+                f"processes at once)")
             self._local.clear()
             _open_stores.discard(self)
             return
@@ -1168,7 +1183,7 @@ class RawStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError("this store is closed (create a new one)")
+            raise ClosedError(self._closed_why)
         if self._pid != os.getpid():
             raise ClosedError("this store was not re-attached after fork")
 

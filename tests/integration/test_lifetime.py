@@ -307,3 +307,58 @@ def test_forks_from_two_threads_at_once_each_hold_what_they_inherit():
         assert (after.live_objects, after.in_use) == (baseline.live_objects, baseline.in_use)
         assert after.attached_processes == baseline.attached_processes
         testing.check_invariants(store)
+
+
+# -- liveness is the kernel's, not a pid's ---------------------------------------
+#
+# The children below reach into their own store to stand for what a pid check
+# gets wrong: a live pid that no longer belongs to an attached process (pid
+# reuse), and a pid that means nothing here (another PID namespace).
+
+def _hold_then_drop_liveness(raw):
+    os.close(raw._live_fd)                # as if this pid now were another process
+    raw._live_fd = None
+
+
+def _hold_under_foreign_pid(raw):
+    raw._put64(raw._proc_at(raw._index), 2**31 - 1)    # a pid no process here has
+
+
+def _hold_and_pretend(store, ref, pretend, ready, done):
+    view = store.get(ref)
+    pretend(store.raw)
+    ready.set()
+    done.wait(DEADLOCK_TIMEOUT)
+    del view
+
+
+def _reap_while_child_holds(store, pretend) -> int:
+    """Start a fork child that holds *store*'s one object and then does
+    *pretend*; return what a reap finds while the child is still alive."""
+    ctx = _fork_context()
+    ref = store.put(np.ones(1000))
+    ready, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_and_pretend, args=(store, ref, pretend, ready, done))
+    child.start()
+    try:
+        assert ready.wait(DEADLOCK_TIMEOUT)
+        reaped = store.raw.reap_dead_processes()
+        store.release(ref)
+        return reaped
+    finally:
+        done.set()
+        child.join(DEADLOCK_TIMEOUT)
+
+
+def test_index_whose_lock_is_gone_is_reaped_though_its_pid_lives():
+    with shmpool.ObjectStore(16 * MiB) as store:
+        assert _reap_while_child_holds(store, _hold_then_drop_liveness) == 1
+        assert store.statistics().live_objects == 0
+        testing.check_invariants(store)
+
+
+def test_live_process_with_a_foreign_pid_is_not_reaped():
+    with shmpool.ObjectStore(16 * MiB) as store:
+        assert _reap_while_child_holds(store, _hold_under_foreign_pid) == 0
+        assert store.statistics().live_objects == 0      # the child let go at exit
+        testing.check_invariants(store)

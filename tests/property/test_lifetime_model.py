@@ -1,10 +1,11 @@
 """The store's lifetime rules, checked against a model across processes.
 
 The test process (A) and a peer process (B, driven through a pipe by a
-small command loop) share one RawStore.  Rules put, get, drop views,
-release, delete, read dependencies, send messages both ways (retain in one
-process, adopt in the other), fork children that hold and check inherited
-views and then exit or are killed, reap, and close the peer's store.  The
+small command loop) share one RawStore.  Rules put, create objects and
+seal or abort them later, get, drop views, release, delete, read
+dependencies, send messages both ways (retain in one process, adopt in the
+other), fork children that hold and check inherited views (unsealed ones
+too) and then exit or are killed, reap, and close the peer's store.  The
 model tracks who holds each object.
 
 After every step: every live view, in A, in B and in live fork children,
@@ -23,9 +24,15 @@ import signal
 import numpy as np
 import pytest
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from shmpool import ObjectNotFoundError, ObjectRef, StoreFullError
+from shmpool import ObjectNotFoundError, ObjectRef, ObjectStateError, StoreFullError
 from shmpool._store import RawStore
 
 from conftest import DEADLOCK_TIMEOUT
@@ -120,11 +127,11 @@ class _PeerError(Exception):
 # -- fork children: check inherited views now and when told to exit ---------
 
 def _child_main(views, conn) -> None:
-    def bad():
-        return sorted(vid for vid, (view, d) in views.items() if _digest(view) != d)
-    conn.send(bad())
-    if conn.recv() == "exit":
-        conn.send(bad())
+    while True:
+        command = conn.recv()
+        conn.send(sorted(vid for vid, (view, d) in views.items() if _digest(view) != d))
+        if command == "exit":
+            return
 
 
 class LifetimeModel(RuleBasedStateMachine):
@@ -145,6 +152,7 @@ class LifetimeModel(RuleBasedStateMachine):
         self.freed: set = set()
         self.a_refs: dict = {}            # rid -> owning ref
         self.a_views: dict = {}           # vid -> (ref, view)
+        self.a_builders: dict = {}        # bid -> builder (created, unsealed)
         self.b_refs: dict = {}            # rid -> ref
         self.b_views: dict = {}           # vid -> ref
         self.in_flight: dict = {}         # mid -> (ref, "to_b" | "to_a")
@@ -182,8 +190,12 @@ class LifetimeModel(RuleBasedStateMachine):
         return "alive"
 
     def _a_holds(self) -> set:
-        return {_name(ref) for ref in self.a_refs.values()} | {
-            ref for ref, _ in self.a_views.values()}
+        return ({_name(ref) for ref in self.a_refs.values()}
+                | {ref for ref, _ in self.a_views.values()}
+                | {_name(b.ref) for b in self.a_builders.values()})
+
+    def _unsealed(self, ref) -> bool:
+        return any(_name(b.ref) == ref for b in self.a_builders.values())
 
     def _known(self) -> list:
         return sorted(self.seed_of, key=lambda r: (r.slot, r.generation))
@@ -202,6 +214,49 @@ class LifetimeModel(RuleBasedStateMachine):
         rid = self._new_id()
         self.a_refs[rid] = owned
         self._hold(ref, ("a_ref", rid))
+
+    @initialize(sizes=st.lists(st.integers(0, MAX_OBJECT), min_size=1, max_size=3))
+    def some_objects_and_views(self, sizes):
+        for nbytes in sizes:
+            self.put(nbytes)
+        for rid, owned in list(self.a_refs.items()):
+            ref = _name(owned)
+            vid = self._new_id()
+            self.a_views[vid] = (ref, self.store.get(ref))
+            self._hold(ref, ("a_view", vid))
+
+    @precondition(lambda self: len(self.a_builders) < 3)
+    @rule(nbytes=st.integers(0, MAX_OBJECT))
+    def create(self, nbytes):
+        """An object being written: only this process may seal or abort it."""
+        seed = self._new_id()
+        try:
+            builder = self.store.create(nbytes)
+        except StoreFullError:
+            return
+        builder.view[:] = _content(seed, nbytes)
+        ref = _name(builder.ref)
+        self.seed_of[ref] = (seed, nbytes)
+        bid = self._new_id()
+        self.a_builders[bid] = builder
+        self._hold(ref, ("a_build", bid))
+
+    @precondition(lambda self: self.a_builders)
+    @rule(data=st.data(), seal=st.booleans())
+    def finish_builder(self, data, seal):
+        """Rule 1: whoever else held it meanwhile, the creator still seals
+        it; dropped unsealed, it is aborted."""
+        bid = data.draw(st.sampled_from(sorted(self.a_builders)))
+        builder = self.a_builders.pop(bid)
+        ref = _name(builder.ref)
+        if seal:
+            rid = self._new_id()
+            self.a_refs[rid] = builder.seal()
+            self._hold(ref, ("a_ref", rid))
+        else:
+            self.deleted.add(ref)                # aborted: get() fails from now on
+        del builder
+        self._unhold(ref, ("a_build", bid))
 
     @precondition(lambda self: self.a_views)
     @rule(data=st.data(), nbytes=st.integers(0, 4096))
@@ -228,6 +283,9 @@ class LifetimeModel(RuleBasedStateMachine):
         status = self._status(ref)
         try:
             view = self.store.get(ref)
+        except ObjectStateError:
+            assert self._unsealed(ref), f"{ref} sealed, yet get() refused it"
+            return
         except ObjectNotFoundError:
             assert status != "alive" or ref in self.deleted, f"{ref} alive but not found"
             return
@@ -344,6 +402,9 @@ class LifetimeModel(RuleBasedStateMachine):
         try:
             self.peer.call("get", (vid, ref, self._digest_of(ref)))
         except _PeerError as exc:
+            if "ObjectStateError" in str(exc):
+                assert self._unsealed(ref), f"{ref} sealed, yet get() refused it"
+                return
             assert "ObjectNotFoundError" in str(exc), exc
             assert status != "alive" or ref in self.deleted, f"{ref} alive but not found"
             return
@@ -382,6 +443,8 @@ class LifetimeModel(RuleBasedStateMachine):
     def fork_child(self):
         """Rule 3: the child holds everything inherited from the fork on."""
         views = {vid: (view, self._digest_of(ref)) for vid, (ref, view) in self.a_views.items()}
+        views.update({-bid: (b.view, self._digest_of(_name(b.ref)))
+                      for bid, b in self.a_builders.items()})
         mine, theirs = self.ctx.Pipe()
         child = self.ctx.Process(target=_child_main, args=(views, theirs), daemon=True)
         child.start()
@@ -392,8 +455,6 @@ class LifetimeModel(RuleBasedStateMachine):
         for ref in held:
             self._hold(ref, ("child", cid))
         self.children[cid] = (child, mine, held)
-        assert mine.poll(DEADLOCK_TIMEOUT)
-        assert mine.recv() == [], "a fork child read changed bytes at once"
 
     @precondition(lambda self: self.children)
     @rule(data=st.data(), kill=st.booleans())
@@ -406,9 +467,7 @@ class LifetimeModel(RuleBasedStateMachine):
             for ref in held:
                 self._hold(ref, ("dead", cid))
         else:
-            conn.send("exit")
-            assert conn.poll(DEADLOCK_TIMEOUT)
-            assert conn.recv() == [], "a fork child's inherited view changed"
+            assert self._ask(conn, "exit") == [], "a fork child's inherited view changed"
         child.join(DEADLOCK_TIMEOUT)
         conn.close()
         for ref in held:                  # a killed child's stay "dead" until a reap
@@ -431,6 +490,14 @@ class LifetimeModel(RuleBasedStateMachine):
         for vid, (ref, view) in self.a_views.items():
             assert _digest(view) == self._digest_of(ref), f"view {vid} of {ref} changed"
         assert self.peer.call("check") == [], "a peer's view changed"
+        for cid, (_, conn, _) in self.children.items():
+            assert self._ask(conn, "check") == [], f"fork child {cid}'s inherited view changed"
+
+    @staticmethod
+    def _ask(conn, command: str):
+        conn.send(command)
+        assert conn.poll(DEADLOCK_TIMEOUT), "a fork child did not answer"
+        return conn.recv()
 
     @invariant()
     def store_agrees_with_model(self):
@@ -451,6 +518,7 @@ class LifetimeModel(RuleBasedStateMachine):
                 self.store.release_retained(ref)
             self.a_views.clear()
             self.a_refs.clear()
+            self.a_builders.clear()
             self.store.reap_dead_processes()
             after = self.store.statistics()
             assert (after.live_objects, after.in_use) == (0, self.baseline.in_use), \
@@ -460,6 +528,6 @@ class LifetimeModel(RuleBasedStateMachine):
             self.store.close()
 
 
-LifetimeModel.TestCase.settings = settings(max_examples=40, stateful_step_count=40,
+LifetimeModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50,
                                            deadline=None)
 TestLifetimeModel = pytest.mark.timeout(240)(LifetimeModel.TestCase)
