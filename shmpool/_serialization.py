@@ -5,11 +5,15 @@ pandas frames (through their numpy blocks), Arrow arrays, record batches and
 tables, ``pickle.PickleBuffer`` and ``memoryview`` hand their buffers out of
 band.  The pickle stream and those buffers are written into one store object
 (a *frame*), so each large buffer is copied exactly once.  ``get`` unpickles
-with buffers that are read-only views of shared memory: zero-copy.
+with buffers that are views of shared memory: zero-copy, and writable with
+page copy-on-write (``RawStore.get``): a write copies the written pages
+into the writing process only, and the stored object never changes.  A
+store made with ``readonly=True`` hands out read-only views instead.
 
 A buffer that already lives in the store (a view from ``get``, an array
 from ``empty``) is not copied again: the frame refers to its object and
-holds it.  An unsealed ``empty`` array is sealed on the way, and the array
+holds it.  A view some page of which was written in this process is
+copied instead, so that what is sent is what the sender sees.  An unsealed ``empty`` array is sealed on the way, and the array
 given to ``put`` turns read-only.
 
 Messages.  ``encode``/``decode`` are what the pool and the queues send
@@ -36,7 +40,10 @@ Frame layout (inside one store object; native byte order)::
         kind 0 (inline):   a = offset in this frame, b = nbytes
         kind 1 (external): a = slot, b = generation, c = offset in that
                            object, d = nbytes
-    then the pickle stream; then inline buffers, each 64-byte aligned
+    then the pickle stream; then inline buffers, each 64-byte aligned, and
+    those of a page or more page-aligned with a page-rounded extent (so a
+    write to one copies no page of another; the object itself owns whole
+    pages, see ``RawStore.create``)
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from ._errors import (
     SerializationError,
     StoreFullError,
 )
+from ._arena import PAGE_SIZE
 from ._store import ObjectRef, RawStore, StoreStatistics
 
 __all__ = ["ObjectStore", "StoreFullWarning", "DEFAULT_THRESHOLD", "writable"]
@@ -153,16 +161,21 @@ class ObjectStore:
         max_objects: size of the object table.
         space_timeout: seconds to wait for space before failing (``put``)
             or falling back to an in-band copy (``encode``).
+        readonly: hand out sealed, read-only views (numpy refuses writes)
+            instead of copy-on-write ones.  Recorded in the store, so every
+            process attached to it agrees.
 
     Thread- and process-safe.
     """
 
     def __init__(self, capacity: int | None = None, *, threshold: int = DEFAULT_THRESHOLD,
-                 max_objects: int | None = None, space_timeout: float | None = None) -> None:
+                 max_objects: int | None = None, space_timeout: float | None = None,
+                 readonly: bool = False) -> None:
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         kwargs = {} if space_timeout is None else {"space_timeout": space_timeout}
-        self._init(RawStore(capacity, max_objects=max_objects, **kwargs), threshold)
+        self._init(RawStore(capacity, max_objects=max_objects, readonly=readonly, **kwargs),
+                   threshold)
 
     def _init(self, raw: RawStore, threshold: int) -> None:
         self.raw = raw
@@ -181,6 +194,11 @@ class ObjectStore:
     @property
     def token(self) -> int:
         return self.raw.token
+
+    @property
+    def readonly(self) -> bool:
+        """True if ``get`` and ``decode`` hand out read-only views."""
+        return self.raw.readonly
 
     # -- pickling ----------------------------------------------------------
 
@@ -234,8 +252,11 @@ class ObjectStore:
         deps: dict[ObjectRef, None] = {}
         for entry in entries:
             if entry[0] == _INLINE:
-                placed.append((_INLINE, offset, entry[1].nbytes, 0, 0))
-                offset = _round_up(offset + entry[1].nbytes, 64)
+                nbytes = entry[1].nbytes
+                align = PAGE_SIZE if nbytes >= PAGE_SIZE else 64
+                offset = _round_up(offset, align)
+                placed.append((_INLINE, offset, nbytes, 0, 0))
+                offset = _round_up(offset + nbytes, align)
             else:
                 _, ref, at, nbytes = entry
                 deps[ref] = None
@@ -277,8 +298,10 @@ class ObjectStore:
         """Store *obj* sealed; return an owning ref.
 
         Every out-of-band buffer goes into the store, whatever its size, so
-        ``get`` returns read-only, zero-copy arrays.  The object lives while
-        the returned ref (or any view from ``get``) lives.
+        ``get`` returns zero-copy arrays.  A buffer that is a view of this
+        store is referred to, not copied, unless a page of it was written
+        in this process.  The object lives while the returned ref (or any
+        view from ``get``) lives.
 
         Raises:
             SerializationError: *obj* cannot be pickled.
@@ -288,8 +311,11 @@ class ObjectStore:
         return self._write_frame(stream.getbuffer()[1:], entries, timeout)
 
     def get(self, ref: ObjectRef):
-        """Rebuild the object behind *ref*.  Arrays and buffers are read-only
-        views of shared memory that keep the object alive while they live."""
+        """Rebuild the object behind *ref*.  Arrays and buffers are views of
+        shared memory that keep the object alive while they live: writable
+        copy-on-write (a write copies the written pages into this process;
+        nobody else sees it), or read-only in a ``readonly`` store.  Buffers
+        of objects under a page arrive as private copies."""
         return self._read_frame(ref)
 
     def release(self, ref: ObjectRef) -> None:
@@ -450,7 +476,11 @@ class ObjectStore:
 
 def writable(obj):
     """Return a private, writable deep copy of *obj* (arrays, frames, nested
-    containers); the store is not involved and nothing is shared."""
+    containers); the store is not involved and nothing is shared.
+
+    Values from a store are writable already (copy-on-write, which copies
+    only the pages written); this is for a ``readonly=True`` store, or to
+    get a copy that owns all its memory up front."""
     if isinstance(obj, memoryview):
         return _memoryview_from(bytearray(obj.tobytes()), obj.format, obj.shape)
     return copy.deepcopy(obj)
