@@ -274,7 +274,11 @@ class ObjectStore:
         return builder.ref
 
     def _read_frame(self, ref: ObjectRef):
-        view = self.raw.get(ref)
+        # A frame under a page comes read-only and held (its dependencies
+        # are read through it); its inline buffers are then copied, so that
+        # a copy-on-write store hands out writable values whatever the size.
+        view = self.raw.get(ref, copy_small=False)
+        copy_inline = view.readonly and not self.raw.readonly
         magic, count, plen = _FRAME_HEADER.unpack_from(view, 0)
         if magic != _FRAME_MAGIC:
             raise SerializationError(f"{ref!r} holds raw bytes, not an object put() stored")
@@ -282,7 +286,7 @@ class ObjectStore:
         for i in range(count):
             kind, a, b, c, d = _ENTRY.unpack_from(view, _FRAME_HEADER.size + _ENTRY.size * i)
             if kind == _INLINE:
-                buffers.append(view[a:a + b])
+                buffers.append(bytearray(view[a:a + b]) if copy_inline else view[a:a + b])
             else:
                 inner = self.raw.get_dependency(ref, ObjectRef(ref.token, a, b))
                 buffers.append(inner[c:c + d])

@@ -845,15 +845,18 @@ class RawStore:
     #    written view copies its bytes instead of referring to the object.
 
     def _export_locked(self, slot: int, gen: int, data: int, nbytes: int, *,
-                       writable: bool, held: bool = False, cow: bool = False):
+                       writable: bool, held: bool = False, cow: bool = False,
+                       copy_small: bool = True):
         """A view of the object's data whose life is one hold of this
         process (taken here, unless *held* says the caller took it).
         With *cow*, a writable copy-on-write view (rules above); a
         *cow* view of an object smaller than a page is a private copy that
-        holds nothing."""
+        holds nothing, or with *copy_small* False a read-only view."""
         key = (slot, gen)
         if cow and (nbytes < PAGE_SIZE or data % PAGE_SIZE):
-            return memoryview(bytearray(self._buf[data:data + nbytes]))
+            if copy_small:
+                return memoryview(bytearray(self._buf[data:data + nbytes]))
+            cow = False
         if not held:
             self._hold_locked(slot, gen)
         private_range = None
@@ -1004,14 +1007,15 @@ class RawStore:
                 f"seals or aborts it (a fork child inherits the view, not the object)")
         return fields
 
-    def get(self, ref: ObjectRef) -> memoryview:
+    def get(self, ref: ObjectRef, *, copy_small: bool = True) -> memoryview:
         """Return a view of a sealed object's bytes, zero-copy.
 
         The view is writable, copy-on-write (see "Copy-on-write views"):
         reading copies nothing, and a write copies the written pages into
         this process only; the object itself never changes.  An object
-        smaller than a page comes as a private copy.  In a read-only store
-        the view is read-only instead.
+        smaller than a page comes as a private copy that holds nothing (with
+        *copy_small* False: as a read-only view that holds it).  In a
+        read-only store the view is read-only instead.
 
         The object stays (not freed, memory not reused) until this view and
         every view derived from it (slices, numpy arrays, casts) are gone.
@@ -1023,7 +1027,8 @@ class RawStore:
         with self._locked():
             fields = self._validate_locked(ref, SEALED)
             return self._export_locked(ref.slot, ref.generation, fields[2], fields[3],
-                                       writable=False, cow=not self.readonly)
+                                       writable=False, cow=not self.readonly,
+                                       copy_small=copy_small)
 
     def get_dependency(self, holder: ObjectRef, ref: ObjectRef) -> memoryview:
         """Like ``get``, for *ref* read as part of *holder*, an object created
