@@ -837,8 +837,10 @@ class RawStore:
     #    gets a private mapping of its own, so it never sees the first
     #    view's writes.
     # 3. Before the hold of the view that has the range is released, its
-    #    finalizer drops the range's private pages (``drop_private``), so a
-    #    block freed and reused never shows stale private pages here.  A
+    #    finalizer drops the range's private pages (``drop_private``) if
+    #    it has any, so a block freed and reused never shows stale private
+    #    pages here.  (Pages only read map the shared page itself: they
+    #    stay, so the next view of the block does not fault them in again.)  A
     #    fork child inherits the range with the view and drops it likewise;
     #    ``forget_inherited_holds`` drops every private page at once.
     # 4. ``locate`` does not find a range with written pages: ``put`` of a
@@ -888,7 +890,11 @@ class RawStore:
                 and not self._detached and self._cow_ranges.get(key) == start):
             del self._cow_ranges[key]
             try:
-                self._arena.drop_private(*private_range)      # rule 3
+                # Rule 3.  Only if a page was written: dropping clean pages
+                # too would make the next view of this block fault them in
+                # again (a fault per 64 KiB read), for nothing.
+                if written_pages(start, private_range[1]):
+                    self._arena.drop_private(*private_range)
             except (OSError, ValueError):
                 pass          # the mapping is gone: nothing private is left
         self._release_from_gc(key, _VIEW, epoch)
