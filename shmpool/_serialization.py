@@ -40,10 +40,13 @@ Frame layout (inside one store object; native byte order)::
         kind 0 (inline):   a = offset in this frame, b = nbytes
         kind 1 (external): a = slot, b = generation, c = offset in that
                            object, d = nbytes
-    then the pickle stream; then inline buffers, each 64-byte aligned, and
-    those of a page or more page-aligned with a page-rounded extent (so a
-    write to one copies no page of another; the object itself owns whole
-    pages, see ``RawStore.create``)
+    then the pickle stream; then inline buffers, each 64-byte aligned
+
+A frame of a page or more owns whole pages (``RawStore.create``), so a write
+to one of its buffers copies no other object's bytes.  Its buffers are not
+page-aligned within it: that would cost up to a page per buffer, and all it
+would buy is that ``put`` of a view whose neighbour in the same frame was
+written refers to it instead of copying it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,6 @@ from ._errors import (
     SerializationError,
     StoreFullError,
 )
-from ._arena import PAGE_SIZE
 from ._store import ObjectRef, RawStore, StoreStatistics
 
 __all__ = ["ObjectStore", "StoreFullWarning", "DEFAULT_THRESHOLD", "writable"]
@@ -252,11 +254,8 @@ class ObjectStore:
         deps: dict[ObjectRef, None] = {}
         for entry in entries:
             if entry[0] == _INLINE:
-                nbytes = entry[1].nbytes
-                align = PAGE_SIZE if nbytes >= PAGE_SIZE else 64
-                offset = _round_up(offset, align)
-                placed.append((_INLINE, offset, nbytes, 0, 0))
-                offset = _round_up(offset + nbytes, align)
+                placed.append((_INLINE, offset, entry[1].nbytes, 0, 0))
+                offset = _round_up(offset + entry[1].nbytes, 64)
             else:
                 _, ref, at, nbytes = entry
                 deps[ref] = None
