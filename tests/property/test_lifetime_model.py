@@ -182,13 +182,18 @@ class LifetimeModel(RuleBasedStateMachine):
                 self._unhold(dep, ("dep", ref))
 
     def _status(self, ref) -> str:
-        """'alive', 'gone', or 'maybe' (held only by dead, unreaped children)."""
+        """'alive', 'gone', or 'maybe' (held only by dead, unreaped children,
+        directly or through objects that depend on it)."""
         tags = self.holders.get(ref, set())
         if not tags:
             return "gone"
-        if all(t[0] == "dead" for t in tags):
-            return "maybe"
-        return "alive"
+        for tag in tags:
+            if tag[0] == "dep":           # as alive as the object depending on it
+                if self._status(tag[1]) == "alive":
+                    return "alive"
+            elif tag[0] != "dead":
+                return "alive"
+        return "maybe"
 
     def _a_holds(self) -> set:
         return ({_name(ref) for ref in self.a_refs.values()}
@@ -506,6 +511,9 @@ class LifetimeModel(RuleBasedStateMachine):
         live = self.store.statistics().live_objects
         sure = sum(1 for ref in self.holders if self._status(ref) == "alive")
         maybe = sum(1 for ref in self.holders if self._status(ref) == "maybe")
+        lost = {ref: self.holders[ref] for ref in self.holders
+                if self._status(ref) == "alive" and self.store.state_of(ref) == "free"}
+        assert not lost, f"freed while held: {lost}"
         assert sure <= live <= sure + maybe, (sure, maybe, live)
 
     def teardown(self):
@@ -526,6 +534,12 @@ class LifetimeModel(RuleBasedStateMachine):
                 "space did not all come back"
             self.store._check_invariants()
         finally:
+            # A failed step may have left helpers waiting on their pipes.
+            for process in [child for child, _, _ in self.children.values()] + [
+                    self.peer.process]:
+                if process.is_alive():
+                    process.kill()
+                    process.join(DEADLOCK_TIMEOUT)
             self.store.close()
 
 
