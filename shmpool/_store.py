@@ -888,7 +888,6 @@ class RawStore:
             self._export_starts = None
         if (private_range is not None and epoch == self._view_epoch
                 and not self._detached and self._cow_ranges.get(key) == start):
-            del self._cow_ranges[key]
             try:
                 # Rule 3.  Only if a page was written: dropping clean pages
                 # too would make the next view of this block fault them in
@@ -897,6 +896,9 @@ class RawStore:
                     self._arena.drop_private(*private_range)
             except (OSError, ValueError):
                 pass          # the mapping is gone: nothing private is left
+            # Only now: until here a get in another thread takes a mapping of
+            # its own (rule 2) rather than the range being dropped.
+            del self._cow_ranges[key]
         self._release_from_gc(key, _VIEW, epoch)
 
     # -- objects -----------------------------------------------------------
