@@ -1,4 +1,4 @@
-"""python -m benchmarks: shmpool against every installed peer, W1-W7.
+"""python -m benchmarks: shmpool against every installed peer, W1-W8.
 
 Run from the repository root::
 
@@ -28,14 +28,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="shmpool against multiprocessing, concurrent.futures, joblib and Ray: "
-                    "W1-W7 and the machine's limits, in one run.")
+                    "W1-W8 and the machine's limits, in one run.")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_REPEATS} repeats and smaller counts (under 2 minutes "
                              f"on 2 cores); the full run has {REPEATS} repeats")
     parser.add_argument("--only", metavar="W1,W4", type=_names,
-                        help="run only these workloads (W1 .. W7)")
+                        help="run only these workloads (W1 .. W8)")
     parser.add_argument("--peers", metavar="KEY,...", type=_names,
                         help="run only these peers: " + ", ".join(c.key for c in peers.ALL_PEERS))
+    parser.add_argument("--readonly", action="store_true",
+                        help="also measure shmpool's pool and queue with readonly=True, "
+                             "beside the copy-on-write default, in the same run")
     parser.add_argument("--workers", type=int, default=2,
                         help="workers per pool (default 2; W7 also uses 1, 2 and 4)")
     parser.add_argument("--repeats", type=int,
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="measure nothing: write results.md and chart.png again from "
                              "a results.json")
     args = parser.parse_args(argv)
+    if args.readonly:
+        chosen = args.peers or [c.key for c in peers.DEFAULT_PEERS]
+        args.peers = chosen + [c.key for c in peers.READONLY_PEERS if c.key not in chosen]
     unknown = set(args.peers or ()) - {c.key for c in peers.ALL_PEERS}
     if unknown:
         parser.error(f"unknown peers: {', '.join(sorted(unknown))}")

@@ -161,6 +161,15 @@ class ShmpoolPool(_PoolAPI):
         return shmpool.get_context("fork").Pool(self.workers)
 
 
+class ShmpoolReadonlyPool(ShmpoolPool):
+    key, label = "shmpool-readonly", "shmpool.Pool (readonly=True)"
+    note = "fork; sealed read-only views instead of copy-on-write"
+
+    def _make(self):
+        import shmpool
+        return shmpool.get_context("fork").Pool(self.workers, readonly=True)
+
+
 class MultiprocessingFork(_PoolAPI):
     key, label, family = "mp-fork", "multiprocessing.Pool (fork)", "multiprocessing"
     note = "fork"
@@ -361,6 +370,14 @@ class ShmpoolQueue(_ForkQueues):
         return getattr(shmpool.get_context("fork"), self.queue_class)()
 
 
+class ShmpoolReadonlyQueue(ShmpoolQueue):
+    key, label = "shmpool-queue-readonly", "shmpool.Queue (readonly=True)"
+
+    def queue(self):
+        import shmpool
+        return getattr(shmpool.get_context("fork"), self.queue_class)(readonly=True)
+
+
 class MultiprocessingQueue(_ForkQueues):
     key, label, family = "mp-queue", "multiprocessing.Queue", "multiprocessing"
 
@@ -411,6 +428,8 @@ POOL_PEERS = (ShmpoolPool, ShmpoolExecutor, MultiprocessingFork, Multiprocessing
 QUEUE_PEERS = (ShmpoolQueue, MultiprocessingQueue, RayQueue)
 DEFAULT_PEERS = POOL_PEERS + QUEUE_PEERS           #: what a run measures without --peers
 #: Only when asked for (``bench_queue.py`` compares them).
-EXTRA_PEERS = (ShmpoolSimpleQueue, MultiprocessingSimpleQueue)
+#: ``--readonly`` adds these, to compare with the copy-on-write default.
+READONLY_PEERS = (ShmpoolReadonlyPool, ShmpoolReadonlyQueue)
+EXTRA_PEERS = (ShmpoolSimpleQueue, MultiprocessingSimpleQueue) + READONLY_PEERS
 ALL_PEERS = DEFAULT_PEERS + EXTRA_PEERS
 REFERENCE = {"pool": "mp-fork", "queue": "mp-queue"}    #: ratios are "× faster than" these

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["add_one", "call", "echo", "ends_sum", "inc", "make_array", "map_chunk",
-           "noop", "produce"]
+           "noop", "normalise_in_place", "produce"]
 
 
 def noop(x=None):
@@ -21,6 +21,16 @@ def make_array(spec):
 
 
 def ends_sum(arr) -> float:
+    return float(arr[0] + arr[-1])
+
+
+def normalise_in_place(arr) -> float:
+    """W8: ``arr -= arr.mean()`` in place, then the ends' sum.  A read-only
+    argument (Ray's, or shmpool's with ``readonly=True``) is copied first:
+    the copy such code needs there."""
+    if not arr.flags.writeable:
+        arr = np.array(arr)
+    arr -= arr.mean()
     return float(arr[0] + arr[-1])
 
 

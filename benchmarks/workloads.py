@@ -1,4 +1,4 @@
-"""W1-W7: what each timed run does.
+"""W1-W8: what each timed run does.
 
 A workload is one or more *figures*; a figure is what one table row per peer
 reports.  ``figure.session(peer)`` is a context manager: it prepares what
@@ -26,6 +26,10 @@ is timed doing less; arrays are dropped only after the clock stops.
 - W6 a chain: the first task makes an array, each later one returns
   ``a + 1`` of the previous result (Ray tasks pass the ObjectRef on).
 - W7 scaling: W1's first size with 1, 2 and 4 workers.
+- W8 in place: W2's arguments, but each task normalises its whole argument
+  in place (``a -= a.mean()``) before reading its ends, as code written for
+  ``multiprocessing`` does.  A peer that hands out read-only arrays (Ray,
+  shmpool with ``readonly=True``) pays the explicit copy it needs.
 """
 
 from __future__ import annotations
@@ -59,13 +63,14 @@ class Sizes:
     chain: tuple = (10, 64 * MIB)
     scaling: tuple = (32, 8 * MIB)
     scaling_workers: tuple = (1, 2, 4)
+    in_place: tuple = ((32, 8 * MIB),)
 
 
 FULL = Sizes()
 QUICK = Sizes(results=((16, 8 * MIB), (4, 64 * MIB)), arguments=((16, 8 * MIB),),
               map_items=10_000, async_tasks=1_000, sequential=100,
               queue_items=(16, 8 * MIB), rounds=200, held=(16, 8 * MIB),
-              chain=(4, 16 * MIB), scaling=(16, 8 * MIB))
+              chain=(4, 16 * MIB), scaling=(16, 8 * MIB), in_place=((16, 8 * MIB),))
 
 
 @dataclass
@@ -136,30 +141,37 @@ def big_results(count: int, nbytes: int, group: str = "W1", workers: int = 0) ->
 
 # -- W2 ----------------------------------------------------------------------
 
-def big_arguments(count: int, nbytes: int) -> Figure:
+def big_arguments(count: int, nbytes: int, group: str = "W2") -> Figure:
+    """W2, and W8 (*group*): the same arguments, each task either reads its
+    ends or normalises the whole argument in place first."""
+    task = tasks.ends_sum if group == "W2" else tasks.normalise_in_place
     expected = [2 * i + 0.5 for i in range(count)]
+    if group == "W8":        # x - mean(x): i + 0.5 - mean and i - mean
+        expected = [task(_argument(i, nbytes)) for i in range(count)]
 
     def fresh_arrays() -> list[np.ndarray]:
-        arrays = []
-        for i in range(count):
-            arr = np.full(nbytes // 4, i + 0.5, dtype=np.float32)
-            arr[-1] = i
-            arrays.append(arr)
-        return arrays
+        return [_argument(i, nbytes) for i in range(count)]
 
     def make_run(peer):
         def run() -> dict:
             arrays = fresh_arrays()
             begin = time.perf_counter()
-            answers = peer.map(tasks.ends_sum, arrays, 1)
+            answers = peer.map(task, arrays, 1)
             elapsed = time.perf_counter() - begin
             check(answers == expected, f"{peer.key}: wrong answers")
             del arrays
             return {"seconds": elapsed}
         return run
 
-    return Figure(f"W2 {count}x{nbytes // MIB}MiB", "W2", f"{size(count, nbytes)} arguments",
-                  "map", _session(make_run), count * nbytes)
+    label = "arguments" if group == "W2" else "arguments, each normalised in place by its worker"
+    return Figure(f"{group} {count}x{nbytes // MIB}MiB", group,
+                  f"{size(count, nbytes)} {label}", "map", _session(make_run), count * nbytes)
+
+
+def _argument(i: int, nbytes: int) -> np.ndarray:
+    arr = np.full(nbytes // 4, i + 0.5, dtype=np.float32)
+    arr[-1] = i
+    return arr
 
 
 # -- W3 ----------------------------------------------------------------------
@@ -331,11 +343,12 @@ GROUPS = {
     "W5": "the parent's memory while it holds results",
     "W6": "a chain of big results",
     "W7": "scaling with the number of workers",
+    "W8": "a worker normalises its argument in place",
 }
 
 
 def figures(sizes: Sizes) -> list[Figure]:
-    """Every figure of a run, W1 to W7, in the order they are measured."""
+    """Every figure of a run, W1 to W8, in the order they are measured."""
     found = [big_results(c, n) for c, n in sizes.results]
     found += [big_arguments(c, n) for c, n in sizes.arguments]
     found += [small_map(sizes.map_items), small_async(sizes.async_tasks),
@@ -343,4 +356,5 @@ def figures(sizes: Sizes) -> list[Figure]:
     found += [queue_throughput(*sizes.queue_items), queue_latency(sizes.rounds)]
     found += [held_memory(*sizes.held), chain(*sizes.chain)]
     found += [big_results(*sizes.scaling, group="W7", workers=w) for w in sizes.scaling_workers]
+    found += [big_arguments(c, n, group="W8") for c, n in sizes.in_place]
     return found

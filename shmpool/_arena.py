@@ -17,10 +17,21 @@ never as a SIGBUS on first touch.
 Arena header (native u64 at offsets from the segment start)::
 
     +0  magic b"SHMPOOL\\x02"    +8  capacity (bytes)     +16 owner pid
-    +24 committed (bytes)        +32 token (random u64)   +40..63 reserved
+    +24 committed (bytes)        +32 token (random u64)   +40 flags (bit 0: read-only)
+    +48..63 reserved
     +64 the lock: a robust, process-shared pthread mutex (MUTEX_SIZE bytes)
 
 Bytes from HEADER_SIZE on belong to the allocator.
+
+Copy-on-write.  Besides the shared mapping, each process may map the
+same descriptor once more with ``MAP_PRIVATE`` (``export_private``, made on
+first use and kept like the shared one).  Reading through it maps the
+shared pages themselves: no copy, no private memory.  The first write to a
+page gives this process a private copy of that page; nobody else sees it.
+``written_pages`` counts such copies (``/proc/self/pagemap``) and
+``drop_private`` discards them (``MADV_DONTNEED``), so that a block freed
+and reused shows the shared bytes again.  Never ``MAP_POPULATE`` it: that
+copies every page.
 
 Shared words are written through ``Arena.words`` (u64) and
 ``Arena.words32`` (u32), never with ``struct.pack_into``: see the comment
@@ -36,10 +47,12 @@ import secrets
 import struct
 from multiprocessing import reduction
 
+import numpy as np
+
 from . import _posix
 from ._errors import BrokenArenaError, ClosedError, StoreFullError
 
-__all__ = ["Arena", "HEADER_SIZE", "MIN_CAPACITY"]
+__all__ = ["Arena", "HEADER_SIZE", "MIN_CAPACITY", "PAGE_SIZE", "written_pages"]
 
 MAGIC = b"SHMPOOL\x02"
 MUTEX_OFFSET = 64
@@ -61,8 +74,18 @@ MIN_CAPACITY = 64 * 1024
 # the 8 bytes at once.  _HEADER is packed only by create(), before any other
 # process can see the arena.  The layout is this machine's, which is the
 # only machine that maps it.
-_HEADER = struct.Struct("8sQQQQ")
+_HEADER = struct.Struct("8sQQQQQ")
 _COMMITTED_WORD = 24 // 8
+_FLAG_READONLY = 1
+
+# /proc/self/pagemap holds one u64 per virtual page (Linux
+# Documentation/admin-guide/mm/pagemap.rst): bit 63 "present", bit 62
+# "swapped", bit 61 "file page or shared anonymous".  In a MAP_PRIVATE
+# mapping of the arena a page this process has written is anonymous: present
+# with bit 61 clear, or swapped.  A page only read is a file page (bit 61
+# set); one never touched is not present.  The bits are readable without
+# privileges (only the frame number, bits 0-54, is hidden).
+_PM_PRESENT, _PM_SWAPPED, _PM_FILE = 1 << 63, 1 << 62, 1 << 61
 
 
 def _round_up(n: int, k: int) -> int:
@@ -101,12 +124,16 @@ class Arena:
         self.mutex = init(memory)
         self.is_owner = owner
         self._closed = False
+        self._private: mmap.mmap | None = None
+        self.private_address = 0
 
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    def create(cls, capacity: int | None = None) -> "Arena":
-        """Create and own a new arena of *capacity* bytes.
+    def create(cls, capacity: int | None = None, *, readonly: bool = False) -> "Arena":
+        """Create and own a new arena of *capacity* bytes.  *readonly* is
+        recorded in the header, so every attached process reads the same
+        value (``readonly``).
 
         *capacity* defaults to the free space of ``/dev/shm``; an explicit
         capacity larger than that free space is refused, since it could only
@@ -138,7 +165,7 @@ class Arena:
             os.close(fd)
             raise
         _HEADER.pack_into(arena.buf, 0, MAGIC, capacity, os.getpid(), first,
-                          secrets.randbits(63))
+                          secrets.randbits(63), _FLAG_READONLY if readonly else 0)
         return arena
 
     def __reduce__(self):
@@ -152,6 +179,11 @@ class Arena:
             return
         self._closed = True
         self.mutex.close()                  # its export of the mapping goes first
+        if self._private is not None:
+            try:
+                self._private.close()
+            except BufferError:
+                pass        # private views still exported: unmapped with the last
         self.words.release()
         self.words32.release()
         self.buf.release()
@@ -186,6 +218,12 @@ class Arena:
         return _HEADER.unpack_from(self._mmap, 0)[2]
 
     @property
+    def readonly(self) -> bool:
+        """True if views of objects are sealed read-only rather than
+        copy-on-write; set at creation, the same in every process."""
+        return bool(_HEADER.unpack_from(self._mmap, 0)[5] & _FLAG_READONLY)
+
+    @property
     def committed(self) -> int:
         """Bytes from the start of the segment backed by reserved memory."""
         return self.words[_COMMITTED_WORD]
@@ -217,6 +255,70 @@ class Arena:
         """
         self._check_open()
         return (ctypes.c_char * nbytes).from_buffer(self._mmap, offset)
+
+
+    def export_private(self, offset: int, nbytes: int, *, fresh: bool = False):
+        """Return ``(exporter, address)``: a writable buffer exporter over
+        ``[offset, offset + nbytes)`` of this process's copy-on-write
+        mapping (see the module docstring), and its address.
+
+        *offset* must be page-aligned.  The range is shared with every other
+        export of it from the process's one private mapping, so a write
+        through one is seen by the others; with *fresh*, the exporter gets a
+        private mapping of its own instead (unmapped with its last view; its
+        first read of each 64 KiB pays a page fault).
+        """
+        self._check_open()
+        if fresh:
+            length = _round_up(max(nbytes, 1), PAGE_SIZE)
+            mapping = mmap.mmap(self._fd, length, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            exporter = (ctypes.c_char * nbytes).from_buffer(mapping)
+            return exporter, ctypes.addressof(exporter)
+        if self._private is None:
+            self._private = mmap.mmap(self._fd, self.capacity, flags=mmap.MAP_PRIVATE,
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            probe = ctypes.c_char.from_buffer(self._private)
+            self.private_address = ctypes.addressof(probe)
+            del probe
+        exporter = (ctypes.c_char * nbytes).from_buffer(self._private, offset)
+        return exporter, self.private_address + offset
+
+    def drop_private(self, offset: int, nbytes: int) -> None:
+        """Discard this process's private copies of the pages of
+        ``[offset, offset + nbytes)`` in its private mapping: afterwards they
+        read the shared bytes again.  *offset* must be page-aligned; the
+        range is rounded up to whole pages.  One madvise call: never blocks
+        on a lock, so finalizers may call it."""
+        private = self._private
+        if private is None or private.closed or nbytes <= 0:
+            return
+        private.madvise(mmap.MADV_DONTNEED, offset, _round_up(nbytes, PAGE_SIZE))
+
+    def drop_all_private(self) -> None:
+        """Discard every private page copy of this process (its views of
+        the private mapping must not be used afterwards)."""
+        private = self._private
+        if private is not None and not private.closed:
+            private.madvise(mmap.MADV_DONTNEED, 0, self.capacity)
+
+
+def written_pages(address: int, nbytes: int) -> int:
+    """How many pages of ``[address, address + nbytes)`` (any mapping of
+    this process) hold a private copy: pages written through a
+    copy-on-write view.  Reads ``/proc/self/pagemap`` (8 bytes a page,
+    about 0.4 ms for 64 MiB); blocks on nothing else."""
+    if nbytes <= 0:
+        return 0
+    first = address // PAGE_SIZE
+    count = (address + nbytes - 1) // PAGE_SIZE - first + 1
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        data = os.pread(f.fileno(), 8 * count, 8 * first)
+    entries = np.frombuffer(data, dtype=np.uint64)
+    present = (entries & np.uint64(_PM_PRESENT)) != 0
+    anon = (entries & np.uint64(_PM_FILE)) == 0
+    swapped = (entries & np.uint64(_PM_SWAPPED)) != 0
+    return int(np.count_nonzero((present & anon) | swapped))
 
 
 def _attach(dupfd, capacity: int) -> Arena:

@@ -64,6 +64,6 @@ def main(argv=None) -> None:
     print(f"{args.mib} MiB float64 array to another process and back an answer "
           f"(median of {args.repeats}):")
     print(f"  through the shmpool store: {store_ms:8.1f} ms   "
-          f"(the reader's array is a read-only view: writeable={writeable})")
+          f"(the reader's array is a copy-on-write view: writeable={writeable})")
     print(f"  pickled through a pipe:    {pickle_ms:8.1f} ms")
     print(f"  shmpool is {pickle_ms / store_ms:.1f}x faster")

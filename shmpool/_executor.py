@@ -34,7 +34,7 @@ The executor is a front end over the same ``Supervisor`` as ``shmpool.Pool``
 
 Ownership: the executor owns its store.  Arguments are copied once into it
 (buffers at or above ``threshold``) and held until the task's answer
-arrives; results are read-only views of it that stay valid after shutdown.
+arrives; results are copy-on-write views of it that stay valid after shutdown.
 Futures are completed, and their callbacks run, in the supervisor thread.
 """
 
@@ -183,6 +183,8 @@ class ProcessPoolExecutor(Executor):
         threshold: buffers at or above this size go through the store.
         space_timeout: seconds to wait for store space before sending a
             value in-band instead.
+        readonly: received values are sealed, read-only views instead of
+            copy-on-write ones (see ``ObjectStore``).
 
     Raises:
         ValueError: *max_workers* or *max_tasks_per_child* below 1, or
@@ -192,7 +194,8 @@ class ProcessPoolExecutor(Executor):
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
                  *, max_tasks_per_child=None, capacity: int | None = None,
-                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None):
+                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None,
+                 readonly: bool = False):
         self._shutdown = True                  # until fully built
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -215,7 +218,8 @@ class ProcessPoolExecutor(Executor):
                     "start method; supply a different mp_context.")
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout)
+        self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout,
+                                  readonly=readonly)
         self._futures = _Futures(self._store)
         self._closer = _StoreCloser(self._store)
         try:
@@ -277,7 +281,7 @@ class ProcessPoolExecutor(Executor):
         the task ends.  This never waits for a worker: the task goes to an
         idle one, or waits in the queue (cancellable) until one is free.  A
         call that cannot be pickled returns a future failed with the
-        pickling error.  The result is a read-only view of the store when
+        pickling error.  The result is a copy-on-write view of the store when
         its buffers are at or above ``threshold``.
 
         Raises:

@@ -4,7 +4,7 @@ Same constructor, methods, results and exceptions as the standard library;
 store options are keyword-only.  What differs, on purpose:
 
 - arguments and results with buffers at or above ``threshold`` travel
-  through the store; results arrive as zero-copy, read-only views;
+  through the store; results arrive as zero-copy, copy-on-write views;
 - a worker that dies fails its task with WorkerDiedError (a
   BrokenProcessPool) within moments, and the pool replaces it; the standard
   library waits forever;
@@ -253,6 +253,8 @@ class Pool(multiprocessing.pool.Pool):
         threshold: buffers at or above this size go through the store.
         space_timeout: seconds to wait for store space before sending a
             value in-band instead.
+        readonly: received values are sealed, read-only views instead of
+            copy-on-write ones (see ``ObjectStore``).
 
     The pool owns its store; closing, terminating or garbage-collecting the
     pool at exit frees it.  Results already received stay readable.
@@ -260,7 +262,8 @@ class Pool(multiprocessing.pool.Pool):
 
     def __init__(self, processes=None, initializer=None, initargs=(),
                  maxtasksperchild=None, context=None, *, capacity: int | None = None,
-                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None):
+                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None,
+                 readonly: bool = False):
         self._state = "INIT"
         if processes is None:
             processes = os.cpu_count() or 1
@@ -276,7 +279,8 @@ class Pool(multiprocessing.pool.Pool):
         self._cache: dict[int, object] = {}
         self._feeders = 0
         self._lock = threading.Lock()
-        self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout)
+        self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout,
+                                  readonly=readonly)
         try:
             self._supervisor = Supervisor(
                 ctx, self._store, processes, initializer, initargs, maxtasksperchild,

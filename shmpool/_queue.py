@@ -13,7 +13,7 @@ most 4 KiB, written and read whole without locks) plus a store of its own:
   nothing of this process is waiting before it; otherwise by a feeder
   thread, in put order, as the standard library does for every item.
 - ``get`` reads one record; a value from the store comes back as zero-copy,
-  read-only views (numpy arrays, Arrow buffers, ...) for buffers at or
+  copy-on-write views (numpy arrays, Arrow buffers, ...) for buffers at or
   above ``threshold``, smaller ones as private copies.
 
 Who holds an item in the store:
@@ -71,9 +71,10 @@ class _Channel:
     """What every queue kind shares: the pipe, the store, and turning values
     into records and back."""
 
-    def __init__(self, capacity, threshold, space_timeout) -> None:
+    def __init__(self, capacity, threshold, space_timeout, readonly) -> None:
         self._pipe = RecordPipe()
-        self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout)
+        self._store = ObjectStore(capacity, threshold=threshold, space_timeout=space_timeout,
+                                  readonly=readonly)
         self._closed = False
 
     def _encode(self, obj):
@@ -230,10 +231,12 @@ class Queue(_Channel):
             not matter to the queue itself, only its semaphores come from it.
         capacity: bytes of shared memory the queue's store may use (default:
             the free space of /dev/shm, reserved only as used).
-        threshold: buffers at or above this size arrive as read-only views
-            of shared memory; smaller ones as copies.
+        threshold: buffers at or above this size arrive as copy-on-write
+            views of shared memory; smaller ones as copies.
         space_timeout: seconds ``put`` waits for store space (a consumer
             that is behind) before it raises StoreFullError.
+        readonly: items got are sealed, read-only views instead of
+            copy-on-write ones (see ``ObjectStore``).
 
     Pass a queue to other processes as a ``Process`` argument or in Pool
     ``initargs`` (or let fork children inherit it), as with the standard
@@ -241,11 +244,12 @@ class Queue(_Channel):
     """
 
     def __init__(self, maxsize: int = 0, *, ctx=None, capacity: int | None = None,
-                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None):
+                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None,
+                 readonly: bool = False):
         ctx = _multiprocessing_context(ctx)
         if maxsize <= 0:
             maxsize = _multiprocessing.SemLock.SEM_VALUE_MAX
-        super().__init__(capacity, threshold, space_timeout)
+        super().__init__(capacity, threshold, space_timeout, readonly)
         self._maxsize = maxsize
         self._sem = ctx.BoundedSemaphore(maxsize)
         self._reset()
@@ -536,8 +540,9 @@ class SimpleQueue(_Channel):
     _rlock = _NoLock()
 
     def __init__(self, *, ctx=None, capacity: int | None = None,
-                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None):
-        super().__init__(capacity, threshold, space_timeout)
+                 threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None,
+                 readonly: bool = False):
+        super().__init__(capacity, threshold, space_timeout, readonly)
         self._reset()
         util.register_after_fork(self, SimpleQueue._reset)
 

@@ -5,7 +5,10 @@ pandas frames (through their numpy blocks), Arrow arrays, record batches and
 tables, ``pickle.PickleBuffer`` and ``memoryview`` hand their buffers out of
 band.  The pickle stream and those buffers are written into one store object
 (a *frame*), so each large buffer is copied exactly once.  ``get`` unpickles
-with buffers that are read-only views of shared memory: zero-copy.
+with buffers that are views of shared memory: zero-copy, and writable with
+page copy-on-write (``RawStore.get``): a write copies the written pages
+into the writing process only, and the stored object never changes.  A
+store made with ``readonly=True`` hands out read-only views instead.
 
 Reductions are chosen as ``multiprocessing`` chooses them: copyreg's, then
 those registered with ``multiprocessing.reduction.ForkingPickler.register``
@@ -15,7 +18,8 @@ arrays and memoryviews, which keep big buffers out of band.
 
 A buffer that already lives in the store (a view from ``get``, an array
 from ``empty``) is not copied again: the frame refers to its object and
-holds it.  An unsealed ``empty`` array is sealed on the way, and the array
+holds it.  A view some page of which was written in this process is
+copied instead, so that what is sent is what the sender sees.  An unsealed ``empty`` array is sealed on the way, and the array
 given to ``put`` turns read-only.
 
 Messages.  ``encode``/``decode`` are what the pool and the queues send
@@ -43,6 +47,12 @@ Frame layout (inside one store object; native byte order)::
         kind 1 (external): a = slot, b = generation, c = offset in that
                            object, d = nbytes
     then the pickle stream; then inline buffers, each 64-byte aligned
+
+A frame of a page or more owns whole pages (``RawStore.create``), so a write
+to one of its buffers copies no other object's bytes.  Its buffers are not
+page-aligned within it: that would cost up to a page per buffer, and all it
+would buy is that ``put`` of a view whose neighbour in the same frame was
+written refers to it instead of copying it.
 """
 
 from __future__ import annotations
@@ -180,16 +190,21 @@ class ObjectStore:
         max_objects: size of the object table.
         space_timeout: seconds to wait for space before failing (``put``)
             or falling back to an in-band copy (``encode``).
+        readonly: hand out sealed, read-only views (numpy refuses writes)
+            instead of copy-on-write ones.  Recorded in the store, so every
+            process attached to it agrees.
 
     Thread- and process-safe.
     """
 
     def __init__(self, capacity: int | None = None, *, threshold: int = DEFAULT_THRESHOLD,
-                 max_objects: int | None = None, space_timeout: float | None = None) -> None:
+                 max_objects: int | None = None, space_timeout: float | None = None,
+                 readonly: bool = False) -> None:
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         kwargs = {} if space_timeout is None else {"space_timeout": space_timeout}
-        self._init(RawStore(capacity, max_objects=max_objects, **kwargs), threshold)
+        self._init(RawStore(capacity, max_objects=max_objects, readonly=readonly, **kwargs),
+                   threshold)
 
     def _init(self, raw: RawStore, threshold: int) -> None:
         self.raw = raw
@@ -208,6 +223,11 @@ class ObjectStore:
     @property
     def token(self) -> int:
         return self.raw.token
+
+    @property
+    def readonly(self) -> bool:
+        """True if ``get`` and ``decode`` hand out read-only views."""
+        return self.raw.readonly
 
     # -- pickling ----------------------------------------------------------
 
@@ -280,7 +300,11 @@ class ObjectStore:
         return builder.ref
 
     def _read_frame(self, ref: ObjectRef):
-        view = self.raw.get(ref)
+        # A frame under a page comes read-only and held (its dependencies
+        # are read through it); its inline buffers are then copied, so that
+        # a copy-on-write store hands out writable values whatever the size.
+        view = self.raw.get(ref, copy_small=False)
+        copy_inline = view.readonly and not self.raw.readonly
         magic, count, plen = _FRAME_HEADER.unpack_from(view, 0)
         if magic != _FRAME_MAGIC:
             raise SerializationError(f"{ref!r} holds raw bytes, not an object put() stored")
@@ -288,7 +312,7 @@ class ObjectStore:
         for i in range(count):
             kind, a, b, c, d = _ENTRY.unpack_from(view, _FRAME_HEADER.size + _ENTRY.size * i)
             if kind == _INLINE:
-                buffers.append(view[a:a + b])
+                buffers.append(bytearray(view[a:a + b]) if copy_inline else view[a:a + b])
             else:
                 inner = self.raw.get_dependency(ref, ObjectRef(ref.token, a, b))
                 buffers.append(inner[c:c + d])
@@ -304,8 +328,10 @@ class ObjectStore:
         """Store *obj* sealed; return an owning ref.
 
         Every out-of-band buffer goes into the store, whatever its size, so
-        ``get`` returns read-only, zero-copy arrays.  The object lives while
-        the returned ref (or any view from ``get``) lives.
+        ``get`` returns zero-copy arrays.  A buffer that is a view of this
+        store is referred to, not copied, unless a page of it was written
+        in this process.  The object lives while the returned ref (or any
+        view from ``get``) lives.
 
         Raises:
             SerializationError: *obj* cannot be pickled.
@@ -315,8 +341,11 @@ class ObjectStore:
         return self._write_frame(stream.getbuffer()[1:], entries, timeout)
 
     def get(self, ref: ObjectRef):
-        """Rebuild the object behind *ref*.  Arrays and buffers are read-only
-        views of shared memory that keep the object alive while they live."""
+        """Rebuild the object behind *ref*.  Arrays and buffers are views of
+        shared memory that keep the object alive while they live: writable
+        copy-on-write (a write copies the written pages into this process;
+        nobody else sees it), or read-only in a ``readonly`` store.  Buffers
+        of objects under a page arrive as private copies."""
         return self._read_frame(ref)
 
     def release(self, ref: ObjectRef) -> None:
@@ -477,7 +506,11 @@ class ObjectStore:
 
 def writable(obj):
     """Return a private, writable deep copy of *obj* (arrays, frames, nested
-    containers); the store is not involved and nothing is shared."""
+    containers); the store is not involved and nothing is shared.
+
+    Values from a store are writable already (copy-on-write, which copies
+    only the pages written); this is for a ``readonly=True`` store, or to
+    get a copy that owns all its memory up front."""
     if isinstance(obj, memoryview):
         return _memoryview_from(bytearray(obj.tobytes()), obj.format, obj.shape)
     return copy.deepcopy(obj)

@@ -92,7 +92,7 @@ import numpy as np
 
 from . import _liveness
 from ._allocator import CLEAN_EXITS, FreeListAllocator
-from ._arena import Arena
+from ._arena import PAGE_SIZE, Arena, written_pages
 from ._errors import (
     ClosedError,
     ObjectNotFoundError,
@@ -138,6 +138,18 @@ def _slot_words(buf, start: int, count: int) -> np.ndarray:
 
 def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
+
+
+def object_payload(nbytes: int, ndeps: int = 0) -> int:
+    """Bytes of the allocator block payload that holds an object of *nbytes*
+    with *ndeps* dependencies.  An object of a page or more owns whole pages
+    (copy-on-write rule 1): its data starts on a page, and its extent is
+    rounded up to pages; blocks are 64-byte aligned, so up to a page less
+    64 bytes may go before it.  That costs at most two pages an object."""
+    deps_bytes = _round_up(16 * ndeps, 64)
+    if nbytes >= PAGE_SIZE:
+        return deps_bytes + PAGE_SIZE - 64 + _round_up(nbytes, PAGE_SIZE)
+    return deps_bytes + nbytes
 
 
 class ObjectRef:
@@ -251,11 +263,15 @@ class RawStore:
     Thread- and process-safe.  Every method that touches shared state takes
     the arena lock for microseconds and never runs user code under it.
     ``create`` may wait up to *space_timeout* seconds for space.
+
+    ``get`` hands out copy-on-write views, or read-only ones if the store
+    was made with ``readonly=True`` (recorded in the arena's header, so
+    every attached process agrees).
     """
 
     def __init__(self, capacity: int | None = None, *, max_objects: int | None = None,
-                 space_timeout: float = DEFAULT_SPACE_TIMEOUT) -> None:
-        arena = Arena.create(capacity)
+                 space_timeout: float = DEFAULT_SPACE_TIMEOUT, readonly: bool = False) -> None:
+        arena = Arena.create(capacity, readonly=readonly)
         try:
             alloc = FreeListAllocator.format(arena)
             if max_objects is None:
@@ -311,7 +327,12 @@ class RawStore:
         self._ref_epoch = 0
         self._deferred: list = []          # (key, kind, epoch) dropped by the GC
         self._forks: dict[int, tuple[int, int]] = {}       # thread -> (index, fd) for a child
-        self._exports: dict[int, tuple[int, int, int, int]] = {}  # addr -> end, slot, gen, data
+        # addr -> end, slot, gen, data, copy-on-write?
+        self._exports: dict[int, tuple[int, int, int, int, bool]] = {}
+        # (slot, gen) -> address of the view that has the object's range of
+        # the private mapping (see "Copy-on-write views")
+        self._cow_ranges: dict[tuple[int, int], int] = {}
+        self.readonly = arena.readonly
         self._export_starts: list[int] | None = None
         self._drainer: tuple[threading.Thread, int] | None = None  # thread, pipe write end
         self._drainer_starting = threading.Lock()
@@ -492,6 +513,7 @@ class RawStore:
             self._release_process_locked(self._index)
             self._put64(self._proc_at(self._index), os.getpid())
             self._forget_local_holds()
+            self._arena.drop_all_private()     # inherited written pages: stale soon
 
     def _forget_local_holds(self) -> None:
         """Forget this process's local counts; finalizers of the holds they
@@ -503,6 +525,7 @@ class RawStore:
         self._ref_epoch += 1
         self._deferred.clear()
         self._exports.clear()
+        self._cow_ranges.clear()
         self._export_starts = None
 
     def close(self) -> None:
@@ -580,6 +603,7 @@ class RawStore:
         self._nrefs.clear()
         self._deferred.clear()
         self._exports.clear()
+        self._cow_ranges.clear()
         self._export_starts = None
         self._arena.close()
 
@@ -796,28 +820,84 @@ class RawStore:
         owned._hold.atexit = False
         return owned
 
+    # -- Copy-on-write views ----------------------------------------------
+    #
+    # Unless the store is read-only, ``get`` exports a sealed object from
+    # the arena's private mapping (``Arena.export_private``): reads share
+    # the store's pages, and a write copies the written page into this
+    # process alone.  The rules that keep that correct:
+    #
+    # 1. An object of PAGE_SIZE bytes or more owns whole pages (``create``
+    #    aligns its data to a page and rounds its extent up to pages), so a
+    #    written page never holds another object's bytes.  A smaller object
+    #    is handed out as a private copy instead (at most a page: cheap).
+    # 2. One view at a time has an object's range of the private mapping
+    #    (``_cow_ranges``); a second concurrent ``get`` of the same object
+    #    gets a private mapping of its own, so it never sees the first
+    #    view's writes.
+    # 3. Before the hold of the view that has the range is released, its
+    #    finalizer drops the range's private pages (``drop_private``) if
+    #    it has any, so a block freed and reused never shows stale private
+    #    pages here.  (Pages only read map the shared page itself: they
+    #    stay, so the next view of the block does not fault them in again.)  A
+    #    fork child inherits the range with the view and drops it likewise;
+    #    ``forget_inherited_holds`` drops every private page at once.
+    # 4. ``locate`` does not find a range with written pages: ``put`` of a
+    #    written view copies its bytes instead of referring to the object.
+
     def _export_locked(self, slot: int, gen: int, data: int, nbytes: int, *,
-                       writable: bool, held: bool = False):
+                       writable: bool, held: bool = False, cow: bool = False,
+                       copy_small: bool = True):
         """A view of the object's data whose life is one hold of this
-        process (taken here, unless *held* says the caller took it)."""
+        process (taken here, unless *held* says the caller took it).
+        With *cow*, a writable copy-on-write view (rules above); a
+        *cow* view of an object smaller than a page is a private copy that
+        holds nothing, or with *copy_small* False a read-only view."""
+        key = (slot, gen)
+        if cow and (nbytes < PAGE_SIZE or data % PAGE_SIZE):
+            if copy_small:
+                return memoryview(bytearray(self._buf[data:data + nbytes]))
+            cow = False
         if not held:
             self._hold_locked(slot, gen)
-        exporter = self._arena.export(data, nbytes)
-        key = (slot, gen)
-        start = self._arena.address + data
-        self._exports[start] = (start + nbytes, slot, gen, data)
+        private_range = None
+        if cow:
+            fresh = key in self._cow_ranges
+            exporter, start = self._arena.export_private(data, nbytes, fresh=fresh)
+            if not fresh:
+                self._cow_ranges[key] = start
+                private_range = (data, nbytes)
+        else:
+            exporter = self._arena.export(data, nbytes)
+            start = self._arena.address + data
+        self._exports[start] = (start + nbytes, slot, gen, data, cow)
         self._export_starts = None
         self._nviews += 1
-        fin = weakref.finalize(exporter, self._drop_export, start, key, self._view_epoch)
+        fin = weakref.finalize(exporter, self._drop_export, start, key, self._view_epoch,
+                               private_range)
         fin.atexit = False
         view = memoryview(exporter).cast("B")
-        return view if writable else view.toreadonly()
+        return view if writable or cow else view.toreadonly()
 
-    def _drop_export(self, start: int, key: tuple[int, int], epoch: int) -> None:
+    def _drop_export(self, start: int, key: tuple[int, int], epoch: int,
+                     private_range: tuple[int, int] | None) -> None:
         entry = self._exports.get(start)
         if entry is not None and (entry[1], entry[2]) == key:
             del self._exports[start]
             self._export_starts = None
+        if (private_range is not None and epoch == self._view_epoch
+                and not self._detached and self._cow_ranges.get(key) == start):
+            try:
+                # Rule 3.  Only if a page was written: dropping clean pages
+                # too would make the next view of this block fault them in
+                # again (a fault per 64 KiB read), for nothing.
+                if written_pages(start, private_range[1]):
+                    self._arena.drop_private(*private_range)
+            except (OSError, ValueError):
+                pass          # the mapping is gone: nothing private is left
+            # Only now: until here a get in another thread takes a mapping of
+            # its own (rule 2) rather than the range being dropped.
+            del self._cow_ranges[key]
         self._release_from_gc(key, _VIEW, epoch)
 
     # -- objects -----------------------------------------------------------
@@ -841,7 +921,7 @@ class RawStore:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         self._check_open()
         deps_bytes = _round_up(16 * len(depends_on), 64)
-        total = deps_bytes + nbytes
+        total = object_payload(nbytes, len(depends_on))
         self._alloc.check_size(total)
         timeout = self.space_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -893,7 +973,10 @@ class RawStore:
         # right after still has its hold found and released.
         self._put64(at, gen)
         self._put64(at + 8, block)
-        self._put64(at + 16, block + deps_bytes)
+        data = block + deps_bytes
+        if nbytes >= PAGE_SIZE:
+            data = _round_up(data, PAGE_SIZE)
+        self._put64(at + 16, data)
         self._put64(at + 24, nbytes)
         self._put32(at + 36, 0)
         self._set_holders(slot, 1 << self._index)
@@ -902,7 +985,7 @@ class RawStore:
         self._put32(at + 32, CREATED)
         self._add_live(1)
         self._local[(slot, gen)] = 1      # the writable view's hold (bit set above)
-        view = self._export_locked(slot, gen, block + deps_bytes, nbytes,
+        view = self._export_locked(slot, gen, data, nbytes,
                                    writable=True, held=True)
         return ObjectRef(self.token, slot, gen), view
 
@@ -931,8 +1014,15 @@ class RawStore:
                 f"seals or aborts it (a fork child inherits the view, not the object)")
         return fields
 
-    def get(self, ref: ObjectRef) -> memoryview:
-        """Return a read-only view of a sealed object's bytes, zero-copy.
+    def get(self, ref: ObjectRef, *, copy_small: bool = True) -> memoryview:
+        """Return a view of a sealed object's bytes, zero-copy.
+
+        The view is writable, copy-on-write (see "Copy-on-write views"):
+        reading copies nothing, and a write copies the written pages into
+        this process only; the object itself never changes.  An object
+        smaller than a page comes as a private copy that holds nothing (with
+        *copy_small* False: as a read-only view that holds it).  In a
+        read-only store the view is read-only instead.
 
         The object stays (not freed, memory not reused) until this view and
         every view derived from it (slices, numpy arrays, casts) are gone.
@@ -944,7 +1034,8 @@ class RawStore:
         with self._locked():
             fields = self._validate_locked(ref, SEALED)
             return self._export_locked(ref.slot, ref.generation, fields[2], fields[3],
-                                       writable=False)
+                                       writable=False, cow=not self.readonly,
+                                       copy_small=copy_small)
 
     def get_dependency(self, holder: ObjectRef, ref: ObjectRef) -> memoryview:
         """Like ``get``, for *ref* read as part of *holder*, an object created
@@ -968,7 +1059,7 @@ class RawStore:
                 raise ObjectNotFoundError(f"{holder!r} does not depend on {ref!r}")
             fields = self._validate_locked(ref, SEALED, DELETED)
             return self._export_locked(ref.slot, ref.generation, fields[2], fields[3],
-                                       writable=False)
+                                       writable=False, cow=not self.readonly)
 
     def contains(self, ref: ObjectRef) -> bool:
         """True if *ref* names a sealed, undeleted object of this store."""
@@ -1041,7 +1132,9 @@ class RawStore:
 
     def locate(self, address: int, nbytes: int) -> tuple[ObjectRef, int] | None:
         """If ``[address, address + nbytes)`` lies in an object this process
-        holds a view of, return ``(borrowed ref, offset in the object)``."""
+        holds a view of, return ``(borrowed ref, offset in the object)``.
+        A range of a copy-on-write view with a page written in this
+        process is not found: its bytes are no longer the object's."""
         starts = self._export_starts
         if starts is None:
             starts = self._export_starts = sorted(self._exports)
@@ -1051,7 +1144,9 @@ class RawStore:
         entry = self._exports.get(starts[i])
         if entry is None or address + nbytes > entry[0]:
             return None
-        _, slot, gen, _ = entry
+        _, slot, gen, _, cow = entry
+        if cow and written_pages(address, nbytes):
+            return None
         return ObjectRef(self.token, slot, gen), address - starts[i]
 
     def state_of(self, ref: ObjectRef) -> str:

@@ -89,13 +89,19 @@ def queue_store(queue: Queue | SimpleQueue) -> ObjectStore:
 
 
 def in_store(store: ObjectStore | RawStore, array: Any) -> bool:
-    """Whether *array*'s memory lies inside *store*'s shared memory."""
+    """Whether *array*'s memory lies inside *store*'s shared memory: in the
+    shared mapping, or in a copy-on-write view of an object this process
+    holds (a page written since is still counted as in the store)."""
     import numpy as np
-    region = np.frombuffer(raw_store(store)._arena.buf, np.uint8)
+    raw = raw_store(store)
+    region = np.frombuffer(raw._arena.buf, np.uint8)
     try:
-        return bool(np.shares_memory(array, region))
+        if np.shares_memory(array, region):
+            return True
     finally:
         del region
+    address = np.asarray(array).__array_interface__["data"][0]
+    return any(start <= address < entry[0] for start, entry in list(raw._exports.items()))
 
 
 def settled_statistics(store: ObjectStore | RawStore, baseline: StoreStatistics,

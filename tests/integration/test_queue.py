@@ -100,7 +100,7 @@ def test_small_items_ride_in_the_pipe_and_big_ones_in_the_store():
     assert q.get(timeout=DEADLOCK_TIMEOUT) == b"x" * 3000
     assert q.get(timeout=DEADLOCK_TIMEOUT) == b"y" * 5000
     arr = q.get(timeout=DEADLOCK_TIMEOUT)
-    assert testing.in_store(testing.queue_store(q), arr) and not arr.flags.writeable
+    assert testing.in_store(testing.queue_store(q), arr) and arr.flags.writeable
     np.testing.assert_array_equal(arr, np.arange(MiB, dtype=np.uint8))
     del arr
     stats = testing.settled_statistics(testing.queue_store(q), baseline)
@@ -110,8 +110,9 @@ def test_small_items_ride_in_the_pipe_and_big_ones_in_the_store():
 
 
 @pytest.mark.parametrize("kind", ["Queue", "JoinableQueue", "SimpleQueue"])
-def test_big_items_from_a_child_are_read_only_views_of_the_store(mp_context, kind):
-    q = getattr(shmpool.get_context(mp_context.get_start_method()), kind)()
+@pytest.mark.parametrize("readonly", [False, True], ids=["cow", "readonly"])
+def test_big_items_from_a_child_are_views_of_the_store(mp_context, kind, readonly):
+    q = getattr(shmpool.get_context(mp_context.get_start_method()), kind)(readonly=readonly)
     done = mp_context.Event()
     items = [np.arange(8 * MiB // 8, dtype=np.float64), "small", np.zeros(0)]
     child = mp_context.Process(target=_put_items, args=(q, items, done))
@@ -120,7 +121,7 @@ def test_big_items_from_a_child_are_read_only_views_of_the_store(mp_context, kin
         big, small, empty = (q.get() if kind == "SimpleQueue" else q.get(timeout=DEADLOCK_TIMEOUT)
                              for _ in range(3))
         assert testing.in_store(testing.queue_store(q), big)
-        assert not big.flags.writeable
+        assert big.flags.writeable != readonly
         np.testing.assert_array_equal(big, items[0])
         assert small == "small" and empty.shape == (0,)
         assert done.wait(DEADLOCK_TIMEOUT)
@@ -165,7 +166,7 @@ def test_queue_reaches_pool_workers_through_the_initializer(mp_context):
         got = dict(q.get(timeout=DEADLOCK_TIMEOUT) for _ in range(12))
     assert sorted(got) == list(range(12))
     for n, arr in got.items():
-        assert not arr.flags.writeable and (arr == n).all()
+        assert arr.flags.writeable and (arr == n).all()
     q.close()
 
 

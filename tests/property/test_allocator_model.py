@@ -42,7 +42,7 @@ from shmpool._allocator import (
 )
 from shmpool._arena import Arena
 from shmpool._errors import ObjectNotFoundError, ObjectStateError, StoreFullError
-from shmpool._store import ObjectRef, RawStore
+from shmpool._store import ObjectRef, RawStore, object_payload
 
 ARENA_CAPACITY = 256 * 1024
 #: Small, with few slots, so that runs of 50 steps do fill the store (by
@@ -245,13 +245,16 @@ class _Obj:
 
 class StoreModel(RuleBasedStateMachine):
     """RawStore against a model: an object lives while its owning ref is
-    unreleased or a view of it is alive."""
+    unreleased or a view of it is alive.  The store is read-only, so that
+    every view holds its object (a copy-on-write view of an object under a
+    page is a private copy; tests/property/test_copy_on_write_model.py
+    covers copy-on-write views)."""
 
     refs = Bundle("refs")
 
     def __init__(self) -> None:
         super().__init__()
-        self.store = RawStore(STORE_CAPACITY, max_objects=STORE_MAX_OBJECTS)
+        self.store = RawStore(STORE_CAPACITY, max_objects=STORE_MAX_OBJECTS, readonly=True)
         self.baseline = self.store.statistics().in_use       # the object table
         self.objects: dict[tuple[int, int], _Obj] = {}       # live objects
         self.views: list[tuple[tuple[int, int], memoryview]] = []
@@ -265,7 +268,7 @@ class StoreModel(RuleBasedStateMachine):
         return ref.slot, ref.generation
 
     def _check_view(self, obj: _Obj, view: memoryview) -> None:
-        assert view.readonly
+        assert view.readonly == self.store.readonly     # else copy-on-write
         assert view.nbytes == obj.nbytes
         assert view.tobytes() == bytes([obj.byte]) * obj.nbytes, (
             f"object {obj.ref!r} changed under a view")
@@ -295,7 +298,7 @@ class StoreModel(RuleBasedStateMachine):
             stats = self.store.statistics()
             if stats.live_objects < stats.max_objects:
                 event("put: store full (space)")
-                _assert_allocation_could_fail(self.store._alloc, nbytes)
+                _assert_allocation_could_fail(self.store._alloc, object_payload(nbytes))
             else:
                 event("put: store full (slots)")
             return multiple()
@@ -394,7 +397,7 @@ class StoreModel(RuleBasedStateMachine):
         assert stats.live_objects == len(self.objects)
         # Each object is one block: at least its size, at most one
         # unsplittable remainder more.
-        low = sum(block_size_for(o.nbytes) for o in self.objects.values())
+        low = sum(block_size_for(object_payload(o.nbytes)) for o in self.objects.values())
         extra = (MIN_BLOCK - ALIGNMENT) * len(self.objects)
         assert low <= stats.in_use - self.baseline <= low + extra
 

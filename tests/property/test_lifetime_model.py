@@ -136,12 +136,13 @@ def _child_main(views, conn) -> None:
 
 class LifetimeModel(RuleBasedStateMachine):
     """A RawStore shared by this process, a peer and fork children, against
-    a model of who holds what."""
+    a model of who holds what.  Read-only, so that every view holds its
+    object (copy-on-write views of objects under a page are copies)."""
 
     def __init__(self):
         super().__init__()
         self.ctx = multiprocessing.get_context("fork")
-        self.store = RawStore(CAPACITY, space_timeout=0.05)
+        self.store = RawStore(CAPACITY, space_timeout=0.05, readonly=True)
         self.baseline = self.store.statistics()
         self.peer = _Peer(self.ctx, self.store)
         self.next_id = 0

@@ -19,7 +19,9 @@ def test_create_seal_get_roundtrip():
         builder.view[:] = b"hello"
         ref = builder.seal()
         view = store.get(ref)
-        assert bytes(view) == b"hello" and view.readonly
+        assert bytes(view) == b"hello" and not view.readonly   # a private copy
+        view[0] = ord("j")
+        assert bytes(store.get(ref)) == b"hello"
         assert store.contains(ref)
 
 
