@@ -1,0 +1,86 @@
+"""Failures found by an adversarial review, one reproducer each.
+
+A test marked ``xfail(strict=True)`` documents a bug that is still open: it
+fails today, and once the bug is fixed it passes and the strict marker
+turns that into a failure, so whoever fixes it removes the marker.
+
+Scenarios that could hang run in a child interpreter with a deadline, so a
+hang fails the test instead of stopping the session.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import START_METHODS
+
+#: Seconds a scenario may take; each needs well under one when it works.
+SCENARIO_TIMEOUT = 30
+
+
+def run_scenario(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess:
+    """Run *source* as a script (spawn children import it by path) in a
+    fresh interpreter that imports this checkout; a scenario still running
+    after SCENARIO_TIMEOUT is killed and reported as a hang."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    script = tmp_path / "scenario.py"
+    script.write_text(textwrap.dedent(source))
+    try:
+        return subprocess.run([sys.executable, str(script), *args],
+                              env=env, capture_output=True, text=True,
+                              timeout=SCENARIO_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hung for {SCENARIO_TIMEOUT} s; output so far: {exc.stdout!r}")
+
+
+# -- 1. a task's own child process hides its worker's exit --------------------
+
+# The grandchild lives exactly as long as the scenario's main process (it
+# waits on that process's pidfd), so it outlives the worker that forked it,
+# and a hang ends when the scenario is killed.
+_FORKING_TASK = """
+    import os, select, sys, multiprocessing, shmpool
+
+    def fork_lingering_child(main_pid):
+        pidfd = os.pidfd_open(main_pid)
+        if os.fork() == 0:
+            select.select([pidfd], [], [])
+            os._exit(0)
+        os.close(pidfd)
+        return "forked"
+
+    if __name__ == "__main__":
+        method, ending = sys.argv[1:]
+        ctx = multiprocessing.get_context(method)
+        pool = shmpool.Pool(1, context=ctx)
+        print(pool.apply(fork_lingering_child, (os.getpid(),)), flush=True)
+        if ending == "terminate":
+            pool.terminate()
+        else:
+            pool.close()
+            pool.join()
+        print("stopped", flush=True)
+"""
+
+
+_HIDDEN_EXIT = pytest.mark.xfail(
+    strict=True, reason="a worker's exit is seen only through descriptors its own "
+                        "children inherit: stopping the pool hangs")
+
+
+@pytest.mark.parametrize("ending", ["terminate", "close-join"])
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=_HIDDEN_EXIT) if m in ("fork", "spawn") else m
+    for m in START_METHODS])
+def test_pool_stops_when_a_task_left_a_child_process(tmp_path, method, ending):
+    # multiprocessing.Pool returns at once here: it joins its workers by pid.
+    # Under forkserver the sentinel is the forkserver's report of the exit,
+    # which the task's child cannot hold open.
+    done = run_scenario(tmp_path, _FORKING_TASK, method, ending)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["forked", "stopped"]
