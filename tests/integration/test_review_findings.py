@@ -118,3 +118,37 @@ def test_dropped_results_are_freed_while_another_pool_runs(method):
             # The results were the parent's only: dropping them frees them,
             # as it does under spawn and forkserver.
             assert first._store.statistics().in_use == baseline
+
+
+# -- 3. Pool() on a machine with 128 or more CPUs -----------------------------
+
+_MANY_CPUS = """
+    import os, sys, multiprocessing, shmpool
+    from shmpool._store import MAX_PROCESSES
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context(sys.argv[1])
+        os.cpu_count = lambda: MAX_PROCESSES + 2        # a 130-CPU machine
+        try:
+            pool = shmpool.Pool(context=ctx)
+        except (ValueError, shmpool.StoreFullError) as exc:
+            print("refused", exc, flush=True)            # a clear error is fine
+            sys.exit(0)
+        try:
+            print("mapped", sum(pool.map(abs, range(-500, 500))), flush=True)
+        finally:
+            pool.terminate()
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="Pool() with os.cpu_count() >= 128: the workers "
+                                       "beyond the store's process table crash, tasks fail "
+                                       "with WorkerDiedError")
+@pytest.mark.parametrize("method", [m for m in START_METHODS if m != "spawn"])
+def test_default_pool_on_a_machine_with_many_cpus(tmp_path, method):
+    # multiprocessing.Pool() works there.  (Spawn fails the same way; it is
+    # left out only because starting 130 interpreters is slow.)
+    done = run_scenario(tmp_path, _MANY_CPUS, method)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] in ("mapped", "refused"), done.stdout
+    assert "exited with code" not in done.stdout + done.stderr
