@@ -23,7 +23,7 @@ import shmpool
 from conftest import START_METHODS
 
 #: Seconds a scenario may take; each needs well under one when it works.
-SCENARIO_TIMEOUT = 30
+SCENARIO_TIMEOUT = 15
 
 
 def run_scenario(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess:
