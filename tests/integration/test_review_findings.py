@@ -24,6 +24,8 @@ from conftest import START_METHODS
 
 #: Seconds a scenario may take; each needs well under one when it works.
 SCENARIO_TIMEOUT = 15
+#: Seconds to wait for a result that should already be resolved.
+RESOLVE_TIMEOUT = 5
 
 
 def run_scenario(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess:
@@ -185,3 +187,27 @@ def test_fork_worker_reads_an_inherited_global_view_intact():
         # The argument goes into the store, into the block just freed.
         other = np.full(1 << 20, 9, dtype=np.uint8)
         assert pool.apply(inherited_ends, (other,)) == (7, 7)
+
+
+# -- 5. terminate() leaves the tasks waiting in a worker's socket unresolved --
+
+def identity(value):
+    return value
+
+
+def test_terminate_fails_every_unfinished_result(mp_context):
+    # Two workers, each with a running task and one waiting in its socket,
+    # and more in the queue.  The docstring promises BrokenPoolError for
+    # every unfinished result; the ones in the sockets were put back into
+    # a queue that terminate() had already emptied, and never resolved.
+    pool = shmpool.Pool(2, context=mp_context)
+    results = [pool.apply_async(identity, (np.ones(1000),)) for _ in range(20)]
+    pool.terminate()
+    pool.join()
+    for result in results:
+        result.wait(RESOLVE_TIMEOUT)        # all are resolved by join(): no wait at all
+        assert result.ready()
+        try:
+            result.get(0)
+        except shmpool.BrokenPoolError:
+            pass
