@@ -446,9 +446,11 @@ class Supervisor:
             # A death, not a retirement or a STOP: the pool breaks if so told.
             breaks = (self._break_on_death and (task is not None or not worker.retiring)
                       and self._state in (State.RUNNING, State.CLOSING))
-            if not breaks:
+            if not breaks and self._state in (State.RUNNING, State.CLOSING):
                 # Tasks waiting in the dead worker's socket never started:
                 # they go first to another worker (or fail with the queue).
+                # Once terminating, the queue has been failed already and
+                # nothing would fail them: they fail below.
                 self._queue.extendleft(reversed(unstarted))
                 unstarted = []
         drop_parent_end(worker.fd)
@@ -460,10 +462,10 @@ class Supervisor:
 
         if breaks:
             self._broken = broke()
-        for job, index, _, held, _ in unstarted:       # broken: they fail too
+        for job, index, _, held, _ in unstarted:       # broken or stopping: they fail too
             if held is not None:
                 self._store.release(held)
-            self._on_failure(job, index, broke())
+            self._on_failure(job, index, broke() if breaks else self._stop_error())
         if task is not None:
             job, index, _, held, _ = task
             if held is not None:
