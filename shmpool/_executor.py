@@ -51,7 +51,7 @@ from concurrent.futures import Executor, Future
 
 from ._errors import BrokenPoolError, SerializationError, WorkerDiedError
 from ._serialization import DEFAULT_THRESHOLD, ObjectStore
-from ._supervisor import Supervisor
+from ._supervisor import Supervisor, worker_count
 from ._protocol import APPLY, STARMAP
 from ._worker import Conventions
 
@@ -170,7 +170,8 @@ class ProcessPoolExecutor(Executor):
     """A ``concurrent.futures`` executor running calls in worker processes.
 
     Args:
-        max_workers: worker processes at most (default ``os.cpu_count()``).
+        max_workers: worker processes at most (default ``os.cpu_count()``,
+            at most 127).
         mp_context: a multiprocessing context (or ``shmpool.get_context()``);
             default: the default context, or spawn if *max_tasks_per_child*
             is given.
@@ -197,9 +198,8 @@ class ProcessPoolExecutor(Executor):
                  threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None,
                  readonly: bool = False):
         self._shutdown = True                  # until fully built
-        if max_workers is None:
-            max_workers = os.cpu_count() or 1
-        elif max_workers <= 0:
+        max_workers = worker_count(max_workers, "max_workers")
+        if max_workers <= 0:
             raise ValueError(f"max_workers must be greater than 0, got {max_workers}")
         mp_context = getattr(mp_context, "multiprocessing_context", mp_context)
         if mp_context is None:

@@ -32,7 +32,7 @@ from multiprocessing import util
 from ._errors import BrokenPoolError, SerializationError
 from ._serialization import DEFAULT_THRESHOLD, ObjectStore
 from ._store import StoreStatistics
-from ._supervisor import Supervisor
+from ._supervisor import Supervisor, worker_count
 from ._protocol import APPLY, MAP, STARMAP
 
 __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
@@ -244,7 +244,7 @@ class Pool(multiprocessing.pool.Pool):
     class's own.
 
     Args:
-        processes: worker count (default ``os.cpu_count()``).
+        processes: worker count (default ``os.cpu_count()``, at most 127).
         initializer, initargs: run ``initializer(*initargs)`` in each worker.
         maxtasksperchild: tasks a worker runs before it is replaced.
         context: a multiprocessing context (or ``shmpool.get_context()``).
@@ -265,8 +265,7 @@ class Pool(multiprocessing.pool.Pool):
                  threshold: int = DEFAULT_THRESHOLD, space_timeout: float | None = None,
                  readonly: bool = False):
         self._state = "INIT"
-        if processes is None:
-            processes = os.cpu_count() or 1
+        processes = worker_count(processes, "processes")
         if processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (

@@ -84,12 +84,34 @@ from ._errors import BrokenPoolError, WorkerDiedError
 from ._protocol import ACK, STOP, Answer, FrameReader, FrameWriter, Task, drop_parent_end, \
     own_parent_end
 from ._serialization import ObjectStore
+from ._store import MAX_PROCESSES
 from ._worker import Conventions, run_worker
 
-__all__ = ["Supervisor", "State"]
+__all__ = ["Supervisor", "State", "MAX_WORKERS", "worker_count"]
 
 _WAKE, _SOCKET, _EXIT = "wake", "socket", "exit"
 
+
+#: Workers one pool may run at once: a store's process table holds
+#: MAX_PROCESSES processes, and the parent takes one entry.  The default
+#: worker count (the CPU count) is capped at this; more is refused.
+MAX_WORKERS = MAX_PROCESSES - 1
+
+
+def worker_count(requested: int | None, name: str) -> int:
+    """The number of workers to run for *requested* (None: one per CPU, at
+    most MAX_WORKERS).
+
+    Raises:
+        ValueError: *requested* is above MAX_WORKERS.
+    """
+    if requested is None:
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    if requested > MAX_WORKERS:
+        raise ValueError(
+            f"{name} must be at most {MAX_WORKERS}, got {requested}: a pool's store "
+            f"holds {MAX_PROCESSES} processes, the parent included (use several pools)")
+    return requested
 
 class State(enum.Enum):
     RUNNING = "running"

@@ -220,9 +220,9 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks,
     channel = _Channel(conn.fileno(), parent_sentinel)
     if channel.parent_gone():           # it died before the line above
         return
-    # Under fork this process inherited the parent's views; tasks get their
-    # data as arguments, so do not keep the parent's objects alive.
-    store.raw.forget_inherited_holds()
+    # Under fork this process keeps holding what it inherited, as any fork
+    # child does: a task may read a global view the parent made before the
+    # fork, and it must read what was put, not what later reuses the block.
     use_store(store)         # shmpool.empty() in a task builds its result in place
     if initializer is not None:
         _run_initializer(initializer, initargs, conventions)
