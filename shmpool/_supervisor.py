@@ -123,11 +123,13 @@ class State(enum.Enum):
 class _Worker:
     """One worker process and the supervisor's end of its socket."""
 
-    __slots__ = ("process", "fd", "reader", "writer", "tasks", "tasks_left", "retiring")
+    __slots__ = ("process", "fd", "exit_fd", "reader", "writer", "tasks", "tasks_left",
+                 "retiring")
 
     def __init__(self, process, fd: int, tasks_left: int | None) -> None:
         self.process = process
         self.fd = fd                  # owned: closed when the worker has exited
+        self.exit_fd = _exit_watch(process)
         self.reader = FrameReader(fd)
         self.writer = FrameWriter(fd)
         # Tasks sent and not answered, oldest first, as queue entries: the
@@ -137,13 +139,32 @@ class _Worker:
         self.retiring = False         # gets no more tasks
 
 
+def _exit_watch(process) -> int:
+    """A descriptor that turns readable when *process* exits.
+
+    A pidfd where the kernel has them: the process's own sentinel is a pipe
+    that a child the task started inherits (fork, spawn), so it would stay
+    open as long as that child lives, and the worker's exit would never be
+    seen.  Otherwise (no pidfd) the sentinel.  A pidfd is owned by the
+    caller; the sentinel by the process object."""
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return process.sentinel
+
+
+def _close_exit_watch(worker: "_Worker") -> None:
+    if worker.exit_fd != worker.process.sentinel:
+        os.close(worker.exit_fd)
+
+
 def _exited(workers: list[_Worker]) -> list[_Worker]:
-    """The workers among *workers* whose sentinel has fired (no waiting)."""
+    """The workers among *workers* that have exited (no waiting)."""
     poller = select.poll()
     by_fd = {}
     for worker in workers:
-        by_fd[worker.process.sentinel] = worker
-        poller.register(worker.process.sentinel, select.POLLIN)
+        by_fd[worker.exit_fd] = worker
+        poller.register(worker.exit_fd, select.POLLIN)
     return [by_fd[fd] for fd, _ in poller.poll(0)]
 
 
@@ -355,8 +376,8 @@ class Supervisor:
                     roles[worker.fd] = (_SOCKET, worker)
                     wanted[worker.fd] = select.POLLIN | (
                         select.POLLOUT if worker.writer.pending else 0)
-                roles[worker.process.sentinel] = (_EXIT, worker)
-                wanted[worker.process.sentinel] = select.POLLIN
+                roles[worker.exit_fd] = (_EXIT, worker)
+                wanted[worker.exit_fd] = select.POLLIN
             for fd in masks.keys() - wanted.keys():
                 poller.unregister(fd)
             for fd, mask in wanted.items():
@@ -477,6 +498,7 @@ class Supervisor:
                 unstarted = []
         drop_parent_end(worker.fd)
         os.close(worker.fd)
+        _close_exit_watch(worker)
         pid, exitcode = worker.process.pid, worker.process.exitcode
 
         def broke() -> WorkerDiedError:      # what every unfinished task gets

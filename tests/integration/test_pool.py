@@ -261,6 +261,10 @@ def test_initializer_and_maxtasksperchild_recycle_without_leaking(method):
         assert len(pids) >= 5                    # every worker ran two tasks at most
         results = [pool.apply(make_array, (MiB,)) for _ in range(6)]
         del results
+        # Workers forked while the results were held hold them too (the fork
+        # rule) until they retire: let every one of them retire.
+        for _ in range(8):
+            pool.apply(pid_of_worker)
         store.raw.reap_dead_processes()
         after = testing.settled_statistics(store, baseline)
         assert (after.live_objects, after.in_use) == (baseline.live_objects, baseline.in_use)

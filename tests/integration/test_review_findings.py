@@ -77,19 +77,12 @@ _FORKING_TASK = """
 """
 
 
-_HIDDEN_EXIT = pytest.mark.xfail(
-    strict=True, reason="a worker's exit is seen only through descriptors its own "
-                        "children inherit: stopping the pool hangs")
-
-
 @pytest.mark.parametrize("ending", ["terminate", "close-join"])
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=_HIDDEN_EXIT) if m in ("fork", "spawn") else m
-    for m in START_METHODS])
+@pytest.mark.parametrize("method", START_METHODS)
 def test_pool_stops_when_a_task_left_a_child_process(tmp_path, method, ending):
     # multiprocessing.Pool returns at once here: it joins its workers by pid.
-    # Under forkserver the sentinel is the forkserver's report of the exit,
-    # which the task's child cannot hold open.
+    # The supervisor watches a pidfd per worker: a process's own sentinel is
+    # a pipe the task's child inherits (fork, spawn) and holds open.
     done = run_scenario(tmp_path, _FORKING_TASK, method, ending)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["forked", "stopped"]
