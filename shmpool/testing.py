@@ -28,6 +28,7 @@ __all__ = [
     "pool_store",
     "queue_store",
     "in_store",
+    "in_any_store",
     "settled_statistics",
     "die_holding_store_lock",
     "FailsToUnpickle",
@@ -102,6 +103,13 @@ def in_store(store: ObjectStore | RawStore, array: Any) -> bool:
         del region
     address = np.asarray(array).__array_interface__["data"][0]
     return any(start <= address < entry[0] for start, entry in list(raw._exports.items()))
+
+
+def in_any_store(array: Any) -> bool:
+    """Whether *array*'s memory lies in any store this process has open (a
+    view that came through some pool's or queue's store, zero-copy)."""
+    from ._store import _open_stores
+    return any(in_store(store, array) for store in list(_open_stores))
 
 
 def settled_statistics(store: ObjectStore | RawStore, baseline: StoreStatistics,
