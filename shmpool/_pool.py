@@ -33,7 +33,7 @@ from ._errors import BrokenPoolError, SerializationError
 from ._serialization import DEFAULT_THRESHOLD, ObjectStore
 from ._store import StoreStatistics
 from ._supervisor import Supervisor
-from ._protocol import APPLY, MAP, STARMAP
+from ._protocol import APPLY, MAP, STARMAP, Shared
 
 __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
            "PoolStatistics"]
@@ -75,6 +75,7 @@ class ApplyResult:
         self._cache = pool._cache
         self._callback = callback
         self._error_callback = error_callback
+        self._shared = None             # (store, ref) the call's tasks share
         self._cache[self._job] = self
 
     def ready(self) -> bool:
@@ -109,6 +110,7 @@ class ApplyResult:
             traceback.print_exc()        # a failing callback must not stop the pool
         finally:
             self._cache.pop(self._job, None)
+            _drop_shared(self)
             self._event.set()
             self._pool = None
 
@@ -161,6 +163,7 @@ class IMapIterator:
         self._length: int | None = None
         self._unsorted: dict[int, tuple[bool, object]] = {}
         self._ordered = ordered
+        self._shared = None
         self._cache[self._job] = self
 
     def __iter__(self):
@@ -198,6 +201,7 @@ class IMapIterator:
                 self._unsorted[index] = (success, value)
             if self._index == self._length:
                 self._cache.pop(self._job, None)
+                _drop_shared(self)
                 self._pool = None
 
     def _set_length(self, length: int) -> None:
@@ -206,7 +210,17 @@ class IMapIterator:
             if self._index == length:
                 self._cond.notify()
                 self._cache.pop(self._job, None)
+                _drop_shared(self)
                 self._pool = None
+
+
+def _drop_shared(result) -> None:
+    """Release the function *result*'s tasks shared (its last task is
+    answered, or none is left to run)."""
+    shared, result._shared = result._shared, None
+    if shared is not None:
+        store, ref = shared
+        store.release(ref)
 
 
 def _weakly(method):
@@ -307,6 +321,20 @@ class Pool(multiprocessing.pool.Pool):
                 self._store.release(held)
             result._set(index, False, exc)
 
+    def _share(self, result, func):
+        """*func* as every task of *result*'s call sends it: encoded now,
+        once; if it needs the store (a ``partial`` over a big array, say),
+        the tasks carry a 21-byte ``Shared`` message naming one store
+        object, held by *result* until its last task is answered."""
+        try:
+            message, held = self._store.encode_held(func)
+        except SerializationError:
+            return func                  # each task reports it, as the stdlib does
+        if held is None:
+            return func                  # small: pickled with each task
+        result._shared = (self._store, held)
+        return Shared(message)
+
     def apply(self, func, args=(), kwds=None):
         """Call ``func(*args, **kwds)`` in a worker and return its result."""
         return self.apply_async(func, args, kwds).get()
@@ -342,6 +370,7 @@ class Pool(multiprocessing.pool.Pool):
             chunksize = 0
         result = MapResult(self, chunksize, len(iterable), callback, error_callback)
         if chunksize:
+            func = self._share(result, func)
             for index, chunk in enumerate(_chunks(iterable, chunksize)):
                 self._submit(result, index, (kind, func, chunk, {}))
         return result
@@ -370,6 +399,7 @@ class Pool(multiprocessing.pool.Pool):
         # iterable lazily, in a thread of its own.
         count = 0
         try:
+            func = self._share(result, func)
             for index, chunk in enumerate(_chunks(iterable, chunksize)):
                 task = (APPLY, func, (chunk[0],), {}) if chunksize == 1 else (MAP, func, chunk, {})
                 self._submit(result, index, task)
