@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"{QUICK_REPEATS} repeats and smaller counts (under 2 minutes "
                              f"on 2 cores); the full run has {REPEATS} repeats")
     parser.add_argument("--only", metavar="W1,W4", type=_names,
-                        help="run only these workloads (W1 .. W7)")
+                        help="run only these workloads (W1 .. W9)")
     parser.add_argument("--peers", metavar="KEY,...", type=_names,
                         help="run only these peers: " + ", ".join(c.key for c in peers.ALL_PEERS))
     parser.add_argument("--workers", type=int, default=2,

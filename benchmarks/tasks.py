@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["add_one", "call", "echo", "ends_sum", "inc", "make_array", "map_chunk",
-           "noop", "produce"]
+           "noop", "produce", "shared_ends"]
 
 
 def noop(x=None):
@@ -22,6 +22,11 @@ def make_array(spec):
 
 def ends_sum(arr) -> float:
     return float(arr[0] + arr[-1])
+
+
+def shared_ends(arr, i: int) -> float:
+    """W8: every task of a map gets the same *arr* (through a ``partial``)."""
+    return float(arr[0] + arr[-1]) + i
 
 
 def add_one(arr):
