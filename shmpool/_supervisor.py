@@ -3,7 +3,8 @@
 ::
 
     caller threads --submit()--> an idle worker's out buffer, or the queue;
-                                 one byte on the wake-up pipe
+                                 written out at once if no one else writes
+                                 there, else one byte on the wake-up pipe
                                               |
                                               v
         supervisor thread: the only reader and writer of worker sockets
@@ -19,10 +20,13 @@
                                               v
                             worker 1..n (``_worker.run_worker``)
 
-Callers never touch a worker's socket: ``submit`` gives the task to an
-idle worker (into that worker's out buffer, in memory) or leaves it in the
-queue, and wakes the supervisor thread to write it out (one byte on the
-wake-up pipe, only if no wake-up is pending already).  The supervisor
+Callers never read a worker's socket and never wait on one: ``submit``
+gives the task to an idle worker (into that worker's out buffer, in
+memory) or leaves it in the queue.  If no other thread is writing to that
+socket, the caller writes the buffer out itself, non-blocking; what the
+socket does not take (and any worker just started) is left to the
+supervisor thread, woken by one byte on the wake-up pipe, only if no
+wake-up is pending already.  The supervisor
 thread waits in one ``poll`` on every worker socket (readable; writable while it has bytes
 queued for it), every worker's sentinel and the wake-up pipe.  Its
 sockets are non-blocking: it never waits for one worker, however large
@@ -63,8 +67,9 @@ follow.
 
 Thread-safety: the queue, the worker table, each worker's task list and
 the state are guarded by ``_lock``; a thread that holds it may append to a
-worker's out buffer, but only the supervisor thread reads and writes the
-sockets.  Answers are handed to ``on_answer`` outside
+worker's out buffer.  Only the supervisor thread reads the sockets; a
+write takes the worker's ``write_lock`` (a caller only tries it, never
+waits for it), as does closing the socket.  Answers are handed to ``on_answer`` outside
 the lock; ``on_dispatch`` is called under it, so it must not call back
 into the supervisor.
 """
