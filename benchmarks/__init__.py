@@ -10,7 +10,7 @@ Modules, one job each:
 - ``peers``: one adapter class per library (pools, executors, joblib, Ray,
   queues) behind one interface, and whether it is installed;
 - ``tasks``: the module-level functions the workers run;
-- ``workloads``: W1-W8, each a list of figures that know how to time one run;
+- ``workloads``: W1-W10, each a list of figures that know how to time one run;
 - ``measure``: warm-up, repeats in rotating order, medians with min-max;
 - ``limits``: the machine's own limits (memcpy, first touch, a pipe round trip);
 - ``targets``: the goals each figure is checked against;

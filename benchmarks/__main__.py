@@ -1,4 +1,4 @@
-"""python -m benchmarks: shmpool against every installed peer, W1-W8.
+"""python -m benchmarks: shmpool against every installed peer, W1-W10.
 
 Run from the repository root::
 
@@ -28,12 +28,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="shmpool against multiprocessing, concurrent.futures, joblib and Ray: "
-                    "W1-W8 and the machine's limits, in one run.")
+                    "W1-W10 and the machine's limits, in one run.")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_REPEATS} repeats and smaller counts (under 2 minutes "
                              f"on 2 cores); the full run has {REPEATS} repeats")
     parser.add_argument("--only", metavar="W1,W4", type=_names,
-                        help="run only these workloads (W1 .. W8)")
+                        help="run only these workloads (W1 .. W10)")
     parser.add_argument("--peers", metavar="KEY,...", type=_names,
                         help="run only these peers: " + ", ".join(c.key for c in peers.ALL_PEERS))
     parser.add_argument("--readonly", action="store_true",

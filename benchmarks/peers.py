@@ -154,11 +154,38 @@ class _PoolAPI(_Pooled):
 
 class ShmpoolPool(_PoolAPI):
     key, label, family = "shmpool", "shmpool.Pool", "shmpool"
+    ops = _PoolAPI.ops | {"pressure"}
     note = "fork"
 
     def _make(self):
         import shmpool
         return shmpool.get_context("fork").Pool(self.workers)
+
+    def pressure(self, fn, items, chunksize: int) -> list:
+        """W10's map: on this pool's store, which has room for every result."""
+        return self.map(fn, items, chunksize)
+
+
+class ShmpoolSmallStore(ShmpoolPool):
+    """W10 only: a store with room for a quarter of W1's first size (the
+    results past it go in-band, each at once: none could be freed)."""
+
+    key, label, family = "shmpool-small-store", "shmpool.Pool, 64 MiB store", "shmpool-store"
+    ops = frozenset({"pressure"})
+    note = "fork; capacity=64 MiB"
+    CAPACITY = 64 * 1024 * 1024
+
+    def _make(self):
+        import shmpool
+        return shmpool.get_context("fork").Pool(self.workers, capacity=self.CAPACITY)
+
+    def pressure(self, fn, items, chunksize: int) -> list:
+        import warnings
+
+        import shmpool
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", shmpool.StoreFullWarning)
+            return self.map(fn, items, chunksize)
 
 
 class ShmpoolReadonlyPool(ShmpoolPool):
@@ -424,7 +451,7 @@ class RayQueue(Peer):
 
 
 POOL_PEERS = (ShmpoolPool, ShmpoolExecutor, MultiprocessingFork, MultiprocessingSpawn,
-              StdlibExecutor, Joblib, RayPool, RayTasks)
+              StdlibExecutor, Joblib, RayPool, RayTasks, ShmpoolSmallStore)
 QUEUE_PEERS = (ShmpoolQueue, MultiprocessingQueue, RayQueue)
 DEFAULT_PEERS = POOL_PEERS + QUEUE_PEERS           #: what a run measures without --peers
 #: Only when asked for (``bench_queue.py`` compares them).

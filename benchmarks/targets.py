@@ -14,6 +14,8 @@ the queue goals for ``shmpool.Queue``.
 | W4 throughput | at least 10× faster than multiprocessing.Queue, 4× than Ray's |
 | W5 | anonymous growth under 5% of the bytes held |
 | W6 | at least 30× faster than multiprocessing.Pool |
+| W9 | no slower than joblib (at least 1×) |
+| W10 | a 64 MiB store within 2× of a store with room for every result |
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from . import peers as peers_
 
 FASTER = {"W1": (20.0, 4.0), "W2": (20.0, 4.0), "W3": (1.0, None), "W6": (30.0, None)}
 QUEUE_FASTER = (10.0, 4.0)
+JOBLIB_FASTER = {"W9": 1.0}
+PRESSURE_MULTIPLE = 2.0
 LIMIT_MULTIPLE = 2.0
 ANON_FRACTION = 0.05
 
@@ -57,6 +61,7 @@ def check(results: dict) -> list[dict]:
     ran = {k for k, p in peers.items() if p.get("available")}
     pools = [k for k, p in peers.items()
              if k in ran and p["family"] == "shmpool" and p["kind"] == "pool"]
+    joblib = [k for k, p in peers.items() if p["family"] == "joblib"]
     ray_pools = [k for k, p in peers.items() if p["family"] == "ray" and p["kind"] == "pool"]
     ray_queues = [k for k, p in peers.items() if p["family"] == "ray" and p["kind"] == "queue"]
     mp_label = _label(peers, "mp-fork")
@@ -78,7 +83,25 @@ def check(results: dict) -> list[dict]:
                                  "Ray's queue"))
         if group == "W5":
             found += [_anonymous_growth(fig, peers, mine) for mine in pools]
+        if group in JOBLIB_FASTER:
+            found += [_faster(fig, peers, mine, joblib, JOBLIB_FASTER[group], "joblib")
+                      for mine in pools]
+        if group == "W10" and "shmpool" in ran:
+            found.append(_pressure(fig, peers))
     return found
+
+
+def _pressure(fig: dict, peers: dict) -> dict:
+    row = {"figure": fig["label"], "group": fig["group"],
+           "peer": _label(peers, "shmpool-small-store"),
+           "goal": f"≤ {PRESSURE_MULTIPLE:g}× the time with a store that holds every result",
+           "threshold": PRESSURE_MULTIPLE}
+    small, big = (median(fig["peers"].get(k)) for k in ("shmpool-small-store", "shmpool"))
+    if small is None or big is None:
+        return {**row, "value": None, "met": None, "shown": "not measured"}
+    multiple = small / big
+    return {**row, "value": multiple, "met": multiple <= PRESSURE_MULTIPLE,
+            "shown": f"{multiple:.3g}× ({small:.3g} s vs {big:.3g} s)"}
 
 
 def _within_limit(fig: dict, peers: dict, mine: str, results: dict) -> dict:

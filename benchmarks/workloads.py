@@ -1,4 +1,4 @@
-"""W1-W8: what each timed run does.
+"""W1-W10: what each timed run does.
 
 A workload is one or more *figures*; a figure is what one table row per peer
 reports.  ``figure.session(peer)`` is a context manager: it prepares what
@@ -30,11 +30,18 @@ is timed doing less; arrays are dropped only after the clock stops.
   in place (``a -= a.mean()``) before reading its ends, as code written for
   ``multiprocessing`` does.  A peer that hands out read-only arrays (Ray,
   shmpool with ``readonly=True``) pays the explicit copy it needs.
+- W9 a shared argument: ``map(partial(shared_ends, arr), range(n),
+  chunksize=1)``, one array made for each run (outside the clock) and given
+  to every task of the map.
+- W10 store pressure: W1's first size into a pool whose store holds only a
+  quarter of the results (``shmpool-small-store``) beside one whose store
+  holds them all: the results past the store's room go in-band.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import time
 from dataclasses import dataclass, field
@@ -64,13 +71,15 @@ class Sizes:
     scaling: tuple = (32, 8 * MIB)
     scaling_workers: tuple = (1, 2, 4)
     in_place: tuple = ((32, 8 * MIB),)
+    shared: tuple = (16, 32 * MIB)
 
 
 FULL = Sizes()
 QUICK = Sizes(results=((16, 8 * MIB), (4, 64 * MIB)), arguments=((16, 8 * MIB),),
               map_items=10_000, async_tasks=1_000, sequential=100,
               queue_items=(16, 8 * MIB), rounds=200, held=(16, 8 * MIB),
-              chain=(4, 16 * MIB), scaling=(16, 8 * MIB), in_place=((16, 8 * MIB),))
+              chain=(4, 16 * MIB), scaling=(16, 8 * MIB), in_place=((16, 8 * MIB),),
+              shared=(16, 32 * MIB))
 
 
 @dataclass
@@ -115,14 +124,17 @@ def _ends(arr) -> tuple[float, float]:
 
 # -- W1, W7 ------------------------------------------------------------------
 
-def big_results(count: int, nbytes: int, group: str = "W1", workers: int = 0) -> Figure:
+def big_results(count: int, nbytes: int, group: str = "W1", workers: int = 0,
+                op: str = "map") -> Figure:
+    """*op* "pressure": the same map, through a peer's ``pressure`` method."""
+    map_name = "map" if op == "map" else op
     specs = [(i + 0.5, nbytes) for i in range(count)]
     expected = [(v, v) for v, _ in specs]
 
     def make_run(peer):
         def run() -> dict:
             begin = time.perf_counter()
-            results = peer.map(tasks.make_array, specs, 1)
+            results = getattr(peer, map_name)(tasks.make_array, specs, 1)
             ends = [_ends(r) for r in results]
             elapsed = time.perf_counter() - begin
             check(ends == expected and all(r.nbytes == nbytes for r in results),
@@ -135,7 +147,9 @@ def big_results(count: int, nbytes: int, group: str = "W1", workers: int = 0) ->
     label = f"{size(count, nbytes)} results"
     if workers:
         label += f", {workers} worker" + ("s" if workers > 1 else "")
-    return Figure(key, group, label, "map", _session(make_run), count * nbytes,
+    if op == "pressure":
+        label += ", held, into a store with room for a quarter"
+    return Figure(key, group, label, op, _session(make_run), count * nbytes,
                   workers=workers, extra={"count": count, "nbytes": nbytes})
 
 
@@ -172,6 +186,27 @@ def _argument(i: int, nbytes: int) -> np.ndarray:
     arr = np.full(nbytes // 4, i + 0.5, dtype=np.float32)
     arr[-1] = i
     return arr
+
+
+# -- W9 ----------------------------------------------------------------------
+
+def shared_argument(count: int, nbytes: int) -> Figure:
+    expected = [2 * 0.5 + i for i in range(count)]
+
+    def make_run(peer):
+        def run() -> dict:
+            arr = np.full(nbytes // 4, 0.5, dtype=np.float32)   # fresh: nothing reusable
+            begin = time.perf_counter()
+            answers = peer.map(functools.partial(tasks.shared_ends, arr), range(count), 1)
+            elapsed = time.perf_counter() - begin
+            check(answers == expected, f"{peer.key}: wrong answers")
+            del arr
+            return {"seconds": elapsed}
+        return run
+
+    return Figure(f"W9 shared {count}x{nbytes // MIB}MiB", "W9",
+                  f"one {nbytes // MIB} MiB array shared by {count} tasks", "map",
+                  _session(make_run), nbytes)
 
 
 # -- W3 ----------------------------------------------------------------------
@@ -344,11 +379,13 @@ GROUPS = {
     "W6": "a chain of big results",
     "W7": "scaling with the number of workers",
     "W8": "a worker normalises its argument in place",
+    "W9": "one big argument shared by every task of a map",
+    "W10": "big results into a store too small for them",
 }
 
 
 def figures(sizes: Sizes) -> list[Figure]:
-    """Every figure of a run, W1 to W8, in the order they are measured."""
+    """Every figure of a run, W1 to W10, in the order they are measured."""
     found = [big_results(c, n) for c, n in sizes.results]
     found += [big_arguments(c, n) for c, n in sizes.arguments]
     found += [small_map(sizes.map_items), small_async(sizes.async_tasks),
@@ -357,4 +394,6 @@ def figures(sizes: Sizes) -> list[Figure]:
     found += [held_memory(*sizes.held), chain(*sizes.chain)]
     found += [big_results(*sizes.scaling, group="W7", workers=w) for w in sizes.scaling_workers]
     found += [big_arguments(c, n, group="W8") for c, n in sizes.in_place]
+    found += [shared_argument(*sizes.shared),
+              big_results(*sizes.results[0], group="W10", op="pressure")]
     return found

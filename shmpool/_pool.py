@@ -33,7 +33,7 @@ from ._errors import BrokenPoolError, SerializationError
 from ._serialization import DEFAULT_THRESHOLD, ObjectStore
 from ._store import StoreStatistics
 from ._supervisor import Supervisor, worker_count
-from ._protocol import APPLY, MAP, STARMAP
+from ._protocol import APPLY, MAP, STARMAP, Shared
 
 __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
            "PoolStatistics"]
@@ -45,6 +45,9 @@ _job_ids = itertools.count()
 #: 0.27 s instead of 0.40 s (multiprocessing: 0.50 s).  A long task can delay
 #: the one queued behind it, as in the standard library's shared task queue.
 PIPELINE_DEPTH = 2
+#: Tasks a worker may hold while many wait (``Supervisor``'s *burst*): one
+#: write then carries a share of the queue, instead of one task per answer.
+PIPELINE_BURST = 32
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 
@@ -64,33 +67,59 @@ class PoolStatistics:
     each worker (what its running task reads)."""
 
 
+#: Guards every result's list of waiters (held for a few instructions).
+_waiters_lock = threading.Lock()
+
+
 class ApplyResult:
-    """The result of ``apply_async``; ``AsyncResult`` is the same class."""
+    """The result of ``apply_async``; ``AsyncResult`` is the same class.
+
+    ``get``/``wait`` block until the answer is set (in the supervisor
+    thread, after the callback has run) or *timeout* seconds pass.  A
+    result costs no lock until a thread waits for it unready: each waiting
+    thread then parks on a lock of its own, released when the result is set.
+    """
 
     def __init__(self, pool: "Pool", callback, error_callback) -> None:
         self._pool = pool
-        self._event = threading.Event()
+        self._ready = False
+        self._waiters: list | None = None
         self._lock = threading.Lock()
         self._job = next(_job_ids)
         self._cache = pool._cache
         self._callback = callback
         self._error_callback = error_callback
+        self._shared = None             # (store, ref) the call's tasks share
         self._cache[self._job] = self
 
     def ready(self) -> bool:
-        return self._event.is_set()
+        return self._ready
 
     def successful(self) -> bool:
-        if not self.ready():
+        if not self._ready:
             raise ValueError(f"{self!r} not ready")
         return self._success
 
     def wait(self, timeout: float | None = None) -> None:
-        self._event.wait(timeout)
+        if self._ready:
+            return
+        waiter = threading.Lock()
+        waiter.acquire()
+        with _waiters_lock:
+            if self._ready:
+                return
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+        if timeout is None:
+            waiter.acquire()
+        elif timeout > 0:
+            waiter.acquire(True, timeout)   # timed out: _mark_ready releases it later
 
     def get(self, timeout: float | None = None):
         self.wait(timeout)
-        if not self.ready():
+        if not self._ready:
             raise multiprocessing.TimeoutError
         if self._success:
             return self._value
@@ -109,8 +138,16 @@ class ApplyResult:
             traceback.print_exc()        # a failing callback must not stop the pool
         finally:
             self._cache.pop(self._job, None)
-            self._event.set()
+            _drop_shared(self)
+            self._mark_ready()
             self._pool = None
+
+    def _mark_ready(self) -> None:
+        with _waiters_lock:
+            self._ready = True
+            waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            waiter.release()
 
     __class_getitem__ = classmethod(types.GenericAlias)
 
@@ -129,7 +166,7 @@ class MapResult(ApplyResult):
         self._chunksize = chunksize
         if chunksize <= 0:
             self._number_left = 0
-            self._event.set()
+            self._mark_ready()
             self._cache.pop(self._job, None)
             self._pool = None
         else:
@@ -161,6 +198,7 @@ class IMapIterator:
         self._length: int | None = None
         self._unsorted: dict[int, tuple[bool, object]] = {}
         self._ordered = ordered
+        self._shared = None
         self._cache[self._job] = self
 
     def __iter__(self):
@@ -198,6 +236,7 @@ class IMapIterator:
                 self._unsorted[index] = (success, value)
             if self._index == self._length:
                 self._cache.pop(self._job, None)
+                _drop_shared(self)
                 self._pool = None
 
     def _set_length(self, length: int) -> None:
@@ -206,7 +245,17 @@ class IMapIterator:
             if self._index == length:
                 self._cond.notify()
                 self._cache.pop(self._job, None)
+                _drop_shared(self)
                 self._pool = None
+
+
+def _drop_shared(result) -> None:
+    """Release the function *result*'s tasks shared (its last task is
+    answered, or none is left to run)."""
+    shared, result._shared = result._shared, None
+    if shared is not None:
+        store, ref = shared
+        store.release(ref)
 
 
 def _weakly(method):
@@ -283,7 +332,8 @@ class Pool(multiprocessing.pool.Pool):
         try:
             self._supervisor = Supervisor(
                 ctx, self._store, processes, initializer, initargs, maxtasksperchild,
-                _weakly(self._on_answer), _weakly(self._on_failure), depth=PIPELINE_DEPTH)
+                _weakly(self._on_answer), _weakly(self._on_failure), depth=PIPELINE_DEPTH,
+                burst=PIPELINE_BURST)
         except BaseException:
             self._store.close()
             raise
@@ -309,6 +359,20 @@ class Pool(multiprocessing.pool.Pool):
             if held is not None:
                 self._store.release(held)
             result._set(index, False, exc)
+
+    def _share(self, result, func):
+        """*func* as every task of *result*'s call sends it: encoded now,
+        once; if it needs the store (a ``partial`` over a big array, say),
+        the tasks carry a 21-byte ``Shared`` message naming one store
+        object, held by *result* until its last task is answered."""
+        try:
+            message, held = self._store.encode_held(func)
+        except SerializationError:
+            return func                  # each task reports it, as the stdlib does
+        if held is None:
+            return func                  # small: pickled with each task
+        result._shared = (self._store, held)
+        return Shared(message)
 
     def apply(self, func, args=(), kwds=None):
         """Call ``func(*args, **kwds)`` in a worker and return its result."""
@@ -345,6 +409,7 @@ class Pool(multiprocessing.pool.Pool):
             chunksize = 0
         result = MapResult(self, chunksize, len(iterable), callback, error_callback)
         if chunksize:
+            func = self._share(result, func)
             for index, chunk in enumerate(_chunks(iterable, chunksize)):
                 self._submit(result, index, (kind, func, chunk, {}))
         return result
@@ -373,6 +438,7 @@ class Pool(multiprocessing.pool.Pool):
         # iterable lazily, in a thread of its own.
         count = 0
         try:
+            func = self._share(result, func)
             for index, chunk in enumerate(_chunks(iterable, chunksize)):
                 task = (APPLY, func, (chunk[0],), {}) if chunksize == 1 else (MAP, func, chunk, {})
                 self._submit(result, index, task)

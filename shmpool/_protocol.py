@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["APPLY", "MAP", "STARMAP", "Task", "Answer", "Control", "ACK", "STOP",
+__all__ = ["APPLY", "MAP", "STARMAP", "Shared", "Task", "Answer", "Control", "ACK", "STOP",
            "Message", "FrameReader", "FrameWriter", "own_parent_end", "drop_parent_end"]
 
 #: What a task's function is called with (the first item of its payload).
@@ -54,6 +54,17 @@ READ_BUDGET = 4 * 1024 * 1024
 #: a longer one is written from where it is, as a second buffer.
 _JOIN_BELOW = 16 * 1024
 _IOV_MAX = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """Stands for the function of every task of one ``map``-like call,
+    encoded once when the call is made: *message* is an ``encode_held``
+    message naming one store object, which the parent holds until the
+    call's last task is answered.  A worker decodes it for each task (a
+    zero-copy read of the store object)."""
+
+    message: bytes
 
 
 @dataclass(frozen=True, slots=True)

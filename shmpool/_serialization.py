@@ -29,9 +29,11 @@ only a ref (21 bytes) is sent, with one retained count that the receiver
 adopts.  ``encode_held`` makes the same message without the count: the
 sender holds the object until the receiver says it has its own hold (the
 pool's protocol, so that a dead sender leaves nothing behind).  If the
-store stays full for ``space_timeout`` seconds, the value falls back to an
-in-band pickle, with a warning (once) and a count in
-``statistics().fallbacks``: never an error where ``multiprocessing`` worked.
+store is full, the value falls back to an in-band pickle, with a warning
+(once) and a count in ``statistics().fallbacks``: never an error where
+``multiprocessing`` worked.  It waits up to ``space_timeout`` seconds for
+space first only if waiting can free any (``_waiting_can_free``); otherwise
+it falls back at once.
 
 ``encode_bounded`` is for channels of fixed-size records (the queues): the
 message never exceeds the record, so a value with a long pickle goes into
@@ -59,8 +61,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import struct
+import time
 import warnings
 from multiprocessing.reduction import ForkingPickler
 
@@ -206,19 +210,20 @@ class ObjectStore:
         self._init(RawStore(capacity, max_objects=max_objects, readonly=readonly, **kwargs),
                    threshold)
 
-    def _init(self, raw: RawStore, threshold: int) -> None:
+    def _init(self, raw: RawStore, threshold: int, owner_pid: int | None = None) -> None:
         self.raw = raw
+        self._owner_pid = os.getpid() if owner_pid is None else owner_pid
         self.threshold = threshold
         self._warned_full = False
 
     @classmethod
-    def _attach(cls, raw: RawStore, threshold: int) -> "ObjectStore":
+    def _attach(cls, raw: RawStore, threshold: int, owner_pid: int) -> "ObjectStore":
         store = cls.__new__(cls)
-        store._init(raw, threshold)
+        store._init(raw, threshold, owner_pid)
         return store
 
     def __reduce__(self):
-        return (ObjectStore._attach, (self.raw, self.threshold))
+        return (ObjectStore._attach, (self.raw, self.threshold, self._owner_pid))
 
     @property
     def token(self) -> int:
@@ -431,13 +436,46 @@ class ObjectStore:
         inband = stream.tell() <= (self.threshold if limit is None else min(limit, self.threshold))
         if not entries and inband:
             return stream.getvalue(), None
+        header = stream.getbuffer()[1:]
         try:
-            owned = self._write_frame(stream.getbuffer()[1:], entries, timeout=None)
+            # With a fallback at hand, wait for space only if it can come.
+            owned = self._write_frame(header, entries, timeout=None if limit is not None else 0)
         except StoreFullError as exc:
             if limit is not None:
                 raise
-            return self._fallback(obj, exc), None
+            owned = self._write_when_freed(header, entries)
+            if owned is None:
+                return self._fallback(obj, exc), None
         return kind + _MSG_REF_BODY.pack(owned.token, owned.slot, owned.generation), owned
+
+    def _write_when_freed(self, header, entries) -> ObjectRef | None:
+        """Retry the frame while space may still be freed, for at most the
+        store's ``space_timeout``; None as soon as no holder can free any."""
+        deadline = time.monotonic() + self.raw.space_timeout
+        delay = 0.001
+        while self._waiting_can_free() and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            try:
+                return self._write_frame(header, entries, timeout=0)
+            except StoreFullError:
+                pass
+        return None
+
+    def _waiting_can_free(self) -> bool:
+        """True if waiting may bring space: this process is the store's
+        owner (the pool's parent) and some other process holds objects now
+        (a worker's views of its arguments, an answer not yet acknowledged),
+        which it lets go of by itself.  What the owner holds alone are
+        mostly results its caller keeps, which no wait gets back.
+
+        Any other process (a worker) never waits: the objects it could wait
+        for are answers of workers that may be waiting too (each holds its
+        own until the owner's acknowledgement, which it reads only after
+        sending), or the owner's, released only by the owner's caller."""
+        me = os.getpid()
+        return me == self._owner_pid and any(
+            pid != me for pid in self.raw.usage_by_process())
 
     def _fallback(self, obj, exc: StoreFullError) -> bytes:
         count = self.raw.record_fallback()

@@ -3,7 +3,8 @@
 ::
 
     caller threads --submit()--> an idle worker's out buffer, or the queue;
-                                 one byte on the wake-up pipe
+                                 written out at once if no one else writes
+                                 there, else one byte on the wake-up pipe
                                               |
                                               v
         supervisor thread: the only reader and writer of worker sockets
@@ -19,10 +20,13 @@
                                               v
                             worker 1..n (``_worker.run_worker``)
 
-Callers never touch a worker's socket: ``submit`` gives the task to an
-idle worker (into that worker's out buffer, in memory) or leaves it in the
-queue, and wakes the supervisor thread to write it out (one byte on the
-wake-up pipe, only if no wake-up is pending already).  The supervisor
+Callers never read a worker's socket and never wait on one: ``submit``
+gives the task to an idle worker (into that worker's out buffer, in
+memory) or leaves it in the queue.  If no other thread is writing to that
+socket, the caller writes the buffer out itself, non-blocking; what the
+socket does not take (and any worker just started) is left to the
+supervisor thread, woken by one byte on the wake-up pipe, only if no
+wake-up is pending already.  The supervisor
 thread waits in one ``poll`` on every worker socket (readable; writable while it has bytes
 queued for it), every worker's sentinel and the wake-up pipe.  Its
 sockets are non-blocking: it never waits for one worker, however large
@@ -63,8 +67,9 @@ follow.
 
 Thread-safety: the queue, the worker table, each worker's task list and
 the state are guarded by ``_lock``; a thread that holds it may append to a
-worker's out buffer, but only the supervisor thread reads and writes the
-sockets.  Answers are handed to ``on_answer`` outside
+worker's out buffer.  Only the supervisor thread reads the sockets; a
+write takes the worker's ``write_lock`` (a caller only tries it, never
+waits for it), as does closing the socket.  Answers are handed to ``on_answer`` outside
 the lock; ``on_dispatch`` is called under it, so it must not call back
 into the supervisor.
 """
@@ -123,8 +128,8 @@ class State(enum.Enum):
 class _Worker:
     """One worker process and the supervisor's end of its socket."""
 
-    __slots__ = ("process", "fd", "exit_fd", "reader", "writer", "tasks", "tasks_left",
-                 "retiring")
+    __slots__ = ("process", "fd", "exit_fd", "reader", "writer", "write_lock", "closed",
+                 "tasks", "tasks_left", "retiring", "answered")
 
     def __init__(self, process, fd: int, tasks_left: int | None) -> None:
         self.process = process
@@ -132,11 +137,17 @@ class _Worker:
         self.exit_fd = _exit_watch(process)
         self.reader = FrameReader(fd)
         self.writer = FrameWriter(fd)
+        # Held to flush the writer (by the supervisor thread, or by a
+        # caller that has just given this idle worker a task) and to close
+        # fd, so that no flush writes to a descriptor number reused since.
+        self.write_lock = threading.Lock()
+        self.closed = False
         # Tasks sent and not answered, oldest first, as queue entries: the
         # first is running, the others wait in the socket (never started).
         self.tasks: collections.deque = collections.deque()
         self.tasks_left = tasks_left  # None: no limit (maxtasksperchild)
         self.retiring = False         # gets no more tasks
+        self.answered = False         # answered since it last got a burst
 
 
 def _exit_watch(process) -> int:
@@ -193,12 +204,20 @@ class Supervisor:
             one without waiting for the supervisor.  A waiting task goes
             only to a worker when no worker is free, and it is sent again
             elsewhere if its worker dies before starting it.
+        burst: tasks a worker may have at once while the queue is long:
+            each busy worker gets up to its share of the queue (the queue's
+            length over the workers), at most *burst*, so that one write
+            carries many small tasks and the worker reads them in one.  Only
+            a worker that has answered since its last burst gets one, so a
+            stopped worker holds back at most *burst* tasks; the last tasks
+            of a queue go *depth* at a time.  Default: *depth*.
     """
 
     def __init__(self, ctx, store: ObjectStore, size: int, initializer, initargs,
                  maxtasks, on_answer, on_failure, *, break_on_death: bool = False,
                  start_on_demand: bool = False, on_dispatch=None, on_stop=None,
-                 conventions: Conventions = Conventions.POOL, depth: int = 1) -> None:
+                 conventions: Conventions = Conventions.POOL, depth: int = 1,
+                 burst: int | None = None) -> None:
         self._ctx = ctx
         self._store = store
         self._size = size
@@ -210,6 +229,7 @@ class Supervisor:
         self._break_on_death = break_on_death
         self._start_on_demand = start_on_demand
         self._depth = depth
+        self._burst = depth if burst is None else max(burst, depth)
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()
         self._workers: dict[int, _Worker] = {}         # by socket descriptor
@@ -306,9 +326,18 @@ class Supervisor:
             if self._state is not State.RUNNING:
                 raise BrokenPoolError(f"the pool is {self._state.value}; it takes no tasks")
             self._queue.append((job, index, message, held, False))
-            wake = self._dispatch_locked() and self._wake_needed_locked()
-        if wake:
-            self._write_wake()
+            workers = len(self._workers)
+            if not self._dispatch_locked():
+                return
+            # A worker started just now: the supervisor thread must watch it.
+            started = len(self._workers) != workers
+            ready = [w for w in self._workers.values() if w.writer.pending]
+        # Write the task out now if nobody else is writing to that socket:
+        # a non-blocking write, and no hop through the supervisor thread.
+        # What the socket does not take, the supervisor thread writes.
+        if (started or os.getpid() != self._pid
+                or not all(self._flush(w, wait=False) for w in ready)):
+            self._wake()
 
     def _dispatch_locked(self) -> bool:
         """Give queued tasks to workers; True if any was given."""
@@ -332,6 +361,18 @@ class Supervisor:
         for waiting in range(1, self._depth):
             for worker in list(self._workers.values()):
                 if len(worker.tasks) == waiting and not worker.retiring:
+                    if not self._give_locked(worker):
+                        return
+        # A long queue: every busy worker takes its share in one write.
+        # Only a worker that has answered since its last burst gets one: a
+        # stopped worker holds back at most one burst, not a share each time.
+        share = min(self._burst, len(self._queue) // max(len(self._workers), 1))
+        if share > self._depth:
+            for worker in list(self._workers.values()):
+                if not worker.answered:
+                    continue
+                worker.answered = False
+                while len(worker.tasks) < share and not worker.retiring:
                     if not self._give_locked(worker):
                         return
 
@@ -443,6 +484,7 @@ class Supervisor:
         # submits as soon as it has its result finds this worker free.
         with self._lock:
             task = worker.tasks.popleft() if worker.tasks else None
+            worker.answered = True
         self._on_answer(answer.job, answer.index, answer.ok, answer.payload)  # takes its hold
         if self._store.is_held_message(answer.payload):
             worker.writer.append(ACK)                 # the worker lets go
@@ -450,11 +492,20 @@ class Supervisor:
             self._store.release(task[3])              # the task's arguments
 
     @staticmethod
-    def _flush(worker: _Worker) -> None:
+    def _flush(worker: _Worker, *, wait: bool = True) -> bool:
+        """Write what the socket takes now; True if nothing is left.  With
+        *wait* False, False at once if another thread is writing."""
+        if not worker.write_lock.acquire(wait):
+            return False
         try:
-            worker.writer.flush()
+            if worker.closed:
+                return True
+            return worker.writer.flush()
         except OSError:
             worker.writer.clear()       # it died: its sentinel says so shortly
+            return True
+        finally:
+            worker.write_lock.release()
 
     def _handle_deaths(self) -> None:
         """Read the answers of every dead worker, then reap, then fail their
@@ -496,8 +547,10 @@ class Supervisor:
                 # nothing would fail them: they fail below.
                 self._queue.extendleft(reversed(unstarted))
                 unstarted = []
-        drop_parent_end(worker.fd)
-        os.close(worker.fd)
+        with worker.write_lock:
+            worker.closed = True
+            drop_parent_end(worker.fd)
+            os.close(worker.fd)
         _close_exit_watch(worker)
         pid, exitcode = worker.process.pid, worker.process.exitcode
 

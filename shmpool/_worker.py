@@ -46,7 +46,7 @@ from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 from . import _posix
 from ._default_store import use_store
 from ._errors import BrokenPoolError, SerializationError
-from ._protocol import ACK, APPLY, MAP, STOP, Answer, FrameReader, FrameWriter, Task
+from ._protocol import ACK, APPLY, MAP, STOP, Answer, FrameReader, FrameWriter, Shared, Task
 from ._serialization import ObjectStore
 
 __all__ = ["Conventions", "run_worker"]
@@ -237,6 +237,8 @@ def run_worker(conn, store: ObjectStore, initializer, initargs, maxtasks,
             continue
         try:
             kind, func, args, kwds = _decode_task(store, message, conventions)
+            if type(func) is Shared:
+                func = store.decode(func.message)
             answer, held = _encode_answer(store, message.job, message.index, True,
                                           _call(kind, func, args, kwds), conventions)
         except conventions.answered as exc:
