@@ -53,4 +53,5 @@ def is_held(fd: int, byte: int) -> bool:
     """Whether a description other than *fd*'s holds a lock on *byte* now."""
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
                          _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    lock_type: int = _FLOCK.unpack(answer)[0]
+    return lock_type != fcntl.F_UNLCK

@@ -87,6 +87,7 @@ import struct
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -325,7 +326,7 @@ class RawStore:
         # the refs' epoch, forget_inherited_holds() both.
         self._view_epoch = 0
         self._ref_epoch = 0
-        self._deferred: list = []          # (key, kind, epoch) dropped by the GC
+        self._deferred: list[tuple[Any, ...]] = []   # (key, kind, epoch) dropped by the GC
         self._forks: dict[int, tuple[int, int]] = {}       # thread -> (index, fd) for a child
         # addr -> end, slot, gen, data, copy-on-write?
         self._exports: dict[int, tuple[int, int, int, int, bool]] = {}
