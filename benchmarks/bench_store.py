@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from shmpool import ObjectRef, ObjectStore
+from shmpool import ObjectRef, ObjectStore, testing
 from shmpool._allocator import FreeListAllocator
 from shmpool._arena import Arena
 
@@ -52,7 +52,6 @@ if not __package__:             # run as a file: python benchmarks/bench_store.p
 
 from benchmarks.measure import repeat_in_turns  # noqa: E402
 from benchmarks.report import scaled_range, size_label  # noqa: E402
-from benchmarks.system import own_names  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [KIB, 64 * KIB, MIB, 8 * MIB, 64 * MIB, 256 * MIB]
@@ -224,6 +223,7 @@ def main() -> None:
                         help=f"stop at {size_label(QUICK_MAX_SIZE)}, 5 repeats")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
+    names_before = testing.live_names()
     repeats = 5 if args.quick else 9
     sizes = [n for n in SIZES if not args.quick or n <= QUICK_MAX_SIZE]
 
@@ -233,7 +233,7 @@ def main() -> None:
     alloc = bench_allocator(repeats)
     print_report(rows, alloc, cross, repeats)
 
-    leftovers = own_names()
+    leftovers = testing.leaked_names(since=names_before)
     if leftovers:
         print(f"LEAK: left in /dev/shm: {sorted(leftovers)}")
     if args.json:

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from shmpool import ObjectStore
+from shmpool import ObjectStore, testing
 from shmpool._serialization import DEFAULT_THRESHOLD
 
 if not __package__:             # run as a file: python benchmarks/bench_threshold.py
@@ -33,7 +33,6 @@ if not __package__:             # run as a file: python benchmarks/bench_thresho
 
 from benchmarks.measure import repeat_in_turns  # noqa: E402
 from benchmarks.report import scaled_range, size_label  # noqa: E402
-from benchmarks.system import own_names  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, MIB, 4 * MIB]
@@ -99,12 +98,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
+    names_before = testing.live_names()
     with ObjectStore(STORE_CAPACITY, threshold=ALWAYS_STORE) as via_store, \
             ObjectStore(STORE_CAPACITY, threshold=NEVER_STORE) as in_band:
         rows = [bench_size(via_store, in_band, n, repeats_for(n, args.quick))
                 for n in SIZES]
     print_report(rows)
-    leftovers = own_names()
+    leftovers = testing.leaked_names(since=names_before)
     if leftovers:
         print(f"LEAK: left in /dev/shm: {sorted(leftovers)}")
 

@@ -75,20 +75,12 @@ def versions() -> dict[str, str]:
 class Snapshot:
     """What existed before the run, to tell its leftovers from others'."""
 
-    shmpool_names: set
     dev_shm: set
     children: set     # processes started before the run (a forkserver, ...)
 
     @classmethod
     def take(cls) -> "Snapshot":
-        return cls(testing.live_names(), set(_dev_shm()), set(_children()))
-
-
-def _dev_shm() -> list[str]:
-    try:
-        return os.listdir(DEV_SHM)
-    except OSError:
-        return []
+        return cls(testing.live_names(), set(_children()))
 
 
 def _children() -> list[int]:
@@ -119,11 +111,6 @@ def _is_resource_tracker(pid: str) -> bool:
         return False
 
 
-def own_names() -> set[str]:
-    """shmpool names this process created that are still in /dev/shm."""
-    return {n for n in testing.live_names() if f"/shmp_{os.getpid()}_" in n}
-
-
 def _has_files(folder: str) -> bool:
     try:
         return bool(os.listdir(folder))
@@ -138,11 +125,11 @@ def leftovers(before: Snapshot) -> list[str]:
                       - before.children)
     if children:
         found.append(f"child processes still alive: {children}")
-    leaked = testing.leaked_names(since=before.shmpool_names, timeout=5.0)
+    leaked = testing.leaked_names(since=before.dev_shm, timeout=5.0)
     if leaked:
-        found.append(f"shmpool names left in {DEV_SHM}: {sorted(leaked)}")
+        found.append(f"names nobody uses left in {DEV_SHM}: {sorted(leaked)}")
     # joblib removes its (by then empty) folders at exit: files in them are leftovers.
-    mine = [n for n in set(_dev_shm()) - before.dev_shm
+    mine = [n for n in testing.live_names() - before.dev_shm
             if n.startswith("joblib_memmapping_folder_") and f"_{os.getpid()}_" in n
             and _has_files(os.path.join(DEV_SHM, n))]
     if mine:

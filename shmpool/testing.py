@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import _default_store, _posix
 from ._serialization import ObjectStore
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = [
     "live_names",
     "leaked_names",
+    "names_in_use",
+    "private_bytes",
     "check_invariants",
     "raw_store",
     "pool_store",
@@ -37,33 +39,74 @@ __all__ = [
 
 
 def live_names() -> set[str]:
-    """Every shmpool-shaped name (``shmp_<pid>_<hex>``, ``sem.`` prefixed or
-    not) now in ``/dev/shm``, whoever made it.  shmpool itself creates no
-    names, so one that appears comes from an older version (another
-    process on the machine may run one), or is a test's stand-in for
-    another user's name."""
-    return _posix.shmpool_names()
+    """Every name now in ``/dev/shm``, whoever made it: ``multiprocessing``'s
+    named semaphores (``sem.mp-*``), other programs' segments, and names of
+    earlier shmpool versions.  (A store itself has none.)"""
+    try:
+        return set(os.listdir(_posix.SHM_DIR))
+    except OSError:
+        return set()
+
+
+def names_in_use(pids: Iterable[int] | None = None) -> set[str]:
+    """Names in ``/dev/shm`` whose file a live process has mapped or open
+    (every process, or those of *pids*).  A named semaphore stays mapped in
+    every process that uses it, so one that nobody maps can only be
+    unlinked.  Files are matched by inode: glibc maps a semaphore under a
+    temporary name before it links the real one, so paths would not match."""
+    names = {}
+    for name in live_names():
+        try:
+            st = os.stat(os.path.join(_posix.SHM_DIR, name))
+        except OSError:
+            continue                           # unlinked meanwhile
+        names[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = name
+    used: set[tuple[int, int, int]] = set()
+    for pid in (os.listdir("/proc") if pids is None else map(str, pids)):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith(_posix.SHM_DIR + "/"):
+                        major, minor = fields[3].split(":")
+                        used.add((int(major, 16), int(minor, 16), int(fields[4])))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(_posix.SHM_DIR + "/"):
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    used.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+        except OSError:
+            continue                           # gone meanwhile, or not ours to read
+    return {name for key, name in names.items() if key in used}
 
 
 def leaked_names(since: set[str], timeout: float = 5.0) -> set[str]:
-    """Names of ``live_names()`` that appeared after the snapshot *since*,
-    carry this process's pid or a dead process's, and are still there after
-    waiting up to *timeout* seconds for them to go.  A name carrying a live
-    process's pid is that process's (another program using shmpool), not a
-    leak of this one.  (A test heuristic only: shmpool itself never judges a
-    name by its pid.)"""
-    me = os.getpid()
+    """Names that appeared in ``/dev/shm`` after the snapshot *since*, that
+    no live process has mapped or open, and that are still there after
+    waiting up to *timeout* seconds for them to go (the resource tracker, a
+    separate process, unlinks a dead client's names a moment later).
+
+    Nobody can use such a name any more: it is a leak, whoever made it
+    (shmpool, or a test's own ``multiprocessing`` objects)."""
     deadline = time.monotonic() + timeout
     while True:
-        extra = {name for name in live_names() - since
-                 if (pid := _pid_in(name)) == me or not _posix.process_is_alive(pid)}
+        extra = live_names() - since
+        if extra:
+            extra -= names_in_use()
         if not extra or time.monotonic() >= deadline:
             return extra
         time.sleep(0.05)      # polling a directory; there is no event to wait on
 
 
-def _pid_in(name: str) -> int:
-    return int(name.split("_")[1])
+def private_bytes() -> int:
+    """This process's private resident memory: its anonymous pages
+    (``RssAnon``), where copies live; shared memory it maps is not counted."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux 4.5 or later)")
 
 
 def raw_store(store: ObjectStore | RawStore) -> RawStore:

@@ -34,7 +34,10 @@ def mp_context(request):
 
 @pytest.fixture(autouse=True)
 def no_leaked_names():
-    """Fail any test that leaves a shmpool segment or semaphore in /dev/shm."""
+    """Fail any test that leaves a name in /dev/shm that nobody can use any
+    more: shmpool's, or the test's own multiprocessing semaphores (a named
+    semaphore of a process killed together with its resource tracker).
+    Names other tests (xdist neighbours) still use are not counted."""
     before = testing.live_names()
     yield
     gc.collect()
@@ -52,24 +55,14 @@ def store():
 
 # -- session guard: nothing at all left in /dev/shm -------------------------
 #
-# The per-test fixture above attributes shmpool's own names to the test that
-# left them.  Tests also create the standard library's named semaphores
-# (multiprocessing Events, Locks, Queues), whose names carry no owner; a test
-# that kills a process group can leave those behind.  The session therefore
-# also checks, once every worker has ended, that /dev/shm holds no name that
-# was not there when it started.  (Only the process that runs the session,
-# not each xdist worker, whose neighbours' live names would look like leaks.)
+# The per-test fixture above fails the test that leaves a name nobody uses.
+# The session also checks, once every worker has ended, that /dev/shm holds
+# no name that was not there when it started: that catches a name some
+# process still used when its test ended, and never let go.  (Only the
+# process that runs the session, not each xdist worker.)
 
-SHM_DIR = "/dev/shm"
 _names_at_start: set[str] = set()
 _names_left: list[str] = []
-
-
-def _shm_names() -> set[str]:
-    try:
-        return set(os.listdir(SHM_DIR))
-    except OSError:
-        return set()
 
 
 def _is_session_owner(config) -> bool:
@@ -78,14 +71,14 @@ def _is_session_owner(config) -> bool:
 
 def pytest_sessionstart(session):
     if _is_session_owner(session.config):
-        _names_at_start.update(_shm_names())
+        _names_at_start.update(testing.live_names())
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not _is_session_owner(session.config):
         return
     deadline = time.monotonic() + 15      # resource trackers unlink as their clients end
-    while (left := _shm_names() - _names_at_start) and time.monotonic() < deadline:
+    while (left := testing.live_names() - _names_at_start) and time.monotonic() < deadline:
         time.sleep(0.1)                   # polling a directory; there is no event
     if left:
         _names_left.extend(sorted(left))

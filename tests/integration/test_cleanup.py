@@ -26,7 +26,7 @@ OWNER = textwrap.dedent("""
     store = shmpool.ObjectStore(64 << 20)
     ref = store.put(np.ones(1 << 20))
     view = store.get(ref)
-    print(" ".join(sorted(n for n in testing.live_names() if f"_{os.getpid()}_" in n)), flush=True)
+    print(" ".join(sorted(testing.names_in_use([os.getpid()]))), flush=True)
     how = sys.argv[1]
     if how == "close":
         store.close()
@@ -95,11 +95,11 @@ def _open_segments() -> dict[str, os.stat_result]:
 
 
 def test_a_store_has_no_name_and_only_its_user_can_open_it():
-    before_names, before_segments = testing.live_names(), _open_segments()
+    before_names, before_segments = testing.names_in_use([os.getpid()]), _open_segments()
     with shmpool.ObjectStore(64 << 20):
         new = {link: st for link, st in _open_segments().items()
                if link not in before_segments}
-        assert testing.live_names() == before_names
+        assert not testing.names_in_use([os.getpid()]) - before_names
     assert len(new) == 1, new
     (link, st), = new.items()
     assert st.st_nlink == 0, f"{link} has a name"
@@ -122,7 +122,7 @@ def test_sigkill_of_whole_process_group_leaves_nothing(method, tmp_path):
         proc.stdin.close()
     # Every process that could clean up is dead (the resource tracker is in
     # the group too), and nothing was left to clean up: no start-up sweep.
-    assert not [n for n in testing.live_names() - before if f"_{proc.pid}_" in n]
+    assert not testing.leaked_names(since=before, timeout=10.0)
 
 
 def test_attached_reader_keeps_working_after_owner_is_killed(tmp_path):
