@@ -90,15 +90,6 @@ def produce(queue, seed: int, stop) -> None:
     queue.put(None)
 
 
-def _private_bytes() -> int:
-    """This process's private resident memory (anonymous pages)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
 class _Tally:
     def __init__(self) -> None:
         self.results = 0
@@ -164,7 +155,7 @@ def _soak(mp_context, seconds: float) -> None:
             while time.monotonic() - started < seconds:
                 if memory_at_warmup is None and time.monotonic() - started > seconds / 5:
                     gc.collect()
-                    memory_at_warmup = _private_bytes()
+                    memory_at_warmup = testing.private_bytes()
                 # Keep IN_FLIGHT tasks on each front end.
                 while sum(1 for p in pending if p[0] == "pool") < IN_FLIGHT:
                     seed = rng.randrange(1 << 30)
@@ -207,7 +198,7 @@ def _soak(mp_context, seconds: float) -> None:
             for ex in executors:
                 ex.shutdown(wait=True)
         gc.collect()
-        growth = _private_bytes() - memory_at_warmup
+        growth = testing.private_bytes() - memory_at_warmup
         pool_store.raw.reap_dead_processes()
         settled = testing.settled_statistics(pool_store, pool_baseline)
         testing.check_invariants(pool_store)
