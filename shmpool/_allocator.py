@@ -105,12 +105,13 @@ processes as a kernel object that only ``IPC_RMID`` removes).
   RuntimeError; a GC finalizer (which may run inside a section) must use
   ``try_lock()``, which then returns False.
 - **fork.**  Nobody forks while holding the lock in the forking thread,
-  except a ``before`` fork hook (``os.register_at_fork``) that takes it so
-  that nothing changes across the fork: the parent's ``after_in_parent``
-  hook releases it; the child, which does not own it (the owner is the
-  parent's thread), must not, and locks like any other process.  In
-  between, no other hook may call ``lock()``: it would take the hook's
-  hold for a cut section.  glibc gives the child an empty robust list.
+  except a ``before`` fork hook (``os.register_at_fork``) that takes it
+  with ``lock_across_fork()`` so that nothing changes across the fork: the
+  parent's ``after_in_parent`` hook releases it (``unlock_after_fork()``);
+  the child, which does not own it (the owner is the parent's thread),
+  must not, and locks like any other process.  In between, this thread's
+  ``lock()`` raises RuntimeError, so another fork hook cannot use the
+  store.  glibc gives the child an empty robust list.
 - **PID namespaces.**  The owner is recorded as a thread id of the holder's
   namespace; processes that share a store should share one, or two threads
   with equal ids could each take the other for itself.
@@ -293,6 +294,9 @@ class FreeListAllocator:
         self._mutex = arena.mutex
         self._section = _Section(self)
         self._repair_hooks: list = []
+        #: Native id of the thread holding the lock across a fork (between a
+        #: before-fork hook and the parent's after hook), or 0.
+        self._fork_holder = 0
 
     @classmethod
     def format(cls, arena: Arena) -> "FreeListAllocator":
@@ -349,6 +353,10 @@ class FreeListAllocator:
             raise ClosedError("the store's arena is closed in this process")
         owner = self._words32[_W_FUTEX] & FUTEX_TID_MASK
         if owner and owner == threading.get_native_id():
+            if owner == self._fork_holder:
+                raise RuntimeError(
+                    f"this thread (id {owner}) holds the store lock across a fork: "
+                    f"the store cannot be used from another fork hook")
             if _section_on_stack(sys._getframe(1)):
                 raise RuntimeError(
                     f"this thread (id {owner}) already holds the store lock: lock() "
@@ -402,6 +410,22 @@ class FreeListAllocator:
         except BaseException:
             self._let_go_surely()
             raise
+
+    def lock_across_fork(self) -> None:
+        """``lock()`` in a before-fork hook: the lock stays held, by this
+        thread, until ``unlock_after_fork()`` in the parent's after hook, so
+        that nothing changes across the fork.  Until then this thread's
+        ``lock()`` raises RuntimeError (another fork hook must not use the
+        store) and its ``try_lock()`` returns False.  The child does not own
+        the lock: it waits for the parent's release like any process."""
+        self.lock()
+        self._fork_holder = threading.get_native_id()
+
+    def unlock_after_fork(self, *, consistent: bool = True) -> None:
+        """Release the lock ``lock_across_fork()`` took (the parent's after
+        hook, or the before hook when it fails); *consistent* as ``unlock``."""
+        self._fork_holder = 0
+        self.unlock(consistent=consistent)
 
     def unlock(self, *, consistent: bool = True) -> None:
         """Release the lock.  *consistent*: the section left the shared state

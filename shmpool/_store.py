@@ -45,10 +45,13 @@ Lifetime rules:
    the pid in the entry is only for reports.  A dead index is reaped:
    its holds are released and the objects it was creating are aborted.
    Reaping releases one process's holds, never another's.
-3. *Fork leaves no window.*  Before a fork, under the lock, the parent
-   claims an index for the child, sets that index's bit on every object
-   it holds, and locks the index's byte through a new description, which
-   the child inherits.  The parent closes its copy after the fork (a
+3. *Fork leaves no window.*  Before a fork the parent takes the lock and
+   keeps it until the fork is done, so no hold is taken or dropped in
+   between: it claims an index for the child, sets that index's bit on
+   every object it holds, and locks the index's byte through a new
+   description, which the child inherits.  After the fork the parent
+   releases the lock (the child, which does not own it, waits for that
+   like any other process) and closes its copy of the description (a
    failed fork thereby leaves a dead index, reaped like any other); the
    child adopts the index and closes its copy of the parent's description.
    So an inherited view holds its object from the fork on, and a child
@@ -453,20 +456,29 @@ class RawStore:
             return
         fd = _liveness.open_private(self._arena.fileno())
         try:
-            with _DrainingLock(self):
-                index = self._claim_process_index_locked(fd)
-                bit = 1 << index
-                for slot, gen in self._local:
-                    if _U64.unpack_from(self._buf, self._slot_at(slot))[0] == gen:
-                        self._set_holders(slot, self._holders(slot) | bit)
+            self._alloc.lock_across_fork()
         except BaseException:
             os.close(fd)
             raise
+        try:
+            self._drain_deferred_locked()
+            index = self._claim_process_index_locked(fd)
+            bit = 1 << index
+            for slot, gen in self._local:
+                if _U64.unpack_from(self._buf, self._slot_at(slot))[0] == gen:
+                    self._set_holders(slot, self._holders(slot) | bit)
+        except BaseException as exc:
+            self._alloc.unlock_after_fork(consistent=isinstance(exc, CLEAN_EXITS))
+            os.close(fd)
+            raise
+        # The lock stays held until _after_fork_in_parent: a hold taken or
+        # dropped between here and the fork would not be the child's too.
         self._forks[threading.get_ident()] = (index, fd)
 
     def _after_fork_in_parent(self) -> None:
         claimed = self._forks.pop(threading.get_ident(), None)
         if claimed is not None:
+            self._alloc.unlock_after_fork()
             os.close(claimed[1])      # the child's copy keeps the index alive
 
     def _after_fork_in_child(self) -> None:

@@ -208,3 +208,46 @@ def test_more_workers_than_a_store_holds_are_refused_with_the_limit():
         shmpool.Pool(MAX_WORKERS + 1)
     with pytest.raises(ValueError, match=f"at most {MAX_WORKERS}"):
         shmpool.ProcessPoolExecutor(MAX_WORKERS + 1)
+
+
+# -- 5. a hold taken between the fork hook's claim and the fork ---------------
+
+# A before-fork hook registered before shmpool is imported runs after
+# shmpool's: it decodes a message, so it gets a view of an object that
+# nothing in this process held when shmpool's hook ran.  If that
+# view were not the child's hold too, the parent's drop would free the block,
+# the parent's next puts would reuse it, and the child would read them.
+_LATE_HOOK = """
+    import os, sys
+    held = {}
+
+    def late_hook():
+        try:
+            held["view"] = store.decode(message)
+        except RuntimeError:
+            pass                     # the store's lock is held across the fork
+
+    os.register_at_fork(before=late_hook)
+    import numpy as np
+    import shmpool
+
+    store = shmpool.ObjectStore(8 << 20)
+    message = store.encode(np.full(1 << 18, 7, dtype=np.uint8))   # in the store
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(go_r, 1)                         # the parent dropped and reused
+        view = held.get("view")
+        os._exit(0 if view is None or bool((view == 7).all()) else 1)
+    held.clear()
+    for value in range(20):                      # reuse whatever was freed
+        store.put(np.full(1 << 18, value, dtype=np.uint8))
+    os.write(go_w, b"x")
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_view_got_by_a_later_fork_hook_never_reads_a_reused_block(tmp_path):
+    done = run_scenario(tmp_path, _LATE_HOOK)
+    assert "child 0" in done.stdout, done.stdout + done.stderr
