@@ -43,6 +43,7 @@ APPLY, MAP, STARMAP = 0, 1, 2
 
 _HEAD = struct.Struct("<QBQI")
 _TASK, _OK, _ERROR, _ACK, _STOP = 1, 2, 3, 4, 5
+_KINDS = frozenset((_TASK, _OK, _ERROR, _ACK, _STOP))
 
 #: Bytes asked of one ``os.read``.  A frame longer than this is read straight
 #: into a buffer of its own size instead of being collected in pieces.
@@ -136,11 +137,6 @@ class FrameReader:
         self.eof = False
         """True once the peer has closed its end (or the socket failed)."""
 
-    @property
-    def partial(self) -> bool:
-        """True if part of a frame has arrived and the rest has not."""
-        return bool(self._buf) or self._big is not None
-
     def read(self, budget: int = READ_BUDGET) -> list[Message]:
         """The messages completed by what *fd* has now, up to about
         *budget* bytes; [] if nothing is complete yet."""
@@ -183,6 +179,9 @@ class FrameReader:
         with memoryview(buf) as view:
             while len(buf) - start >= _HEAD.size:
                 length, kind, job, index = _HEAD.unpack_from(view, start)
+                if kind not in _KINDS:    # before trusting the length
+                    raise ValueError(f"not a shmpool pipe frame (kind {kind}); "
+                                     f"the peer speaks another protocol")
                 begin = start + _HEAD.size
                 end = begin + length
                 if end <= len(buf):

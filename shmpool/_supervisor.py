@@ -3,8 +3,8 @@
 ::
 
     caller threads --submit()--> an idle worker's out buffer, or the queue;
-                                 written out at once if no one else writes
-                                 there, else one byte on the wake-up pipe
+                                 one byte on the wake-up pipe unless one
+                                 is pending
                                               |
                                               v
         supervisor thread: the only reader and writer of worker sockets
@@ -22,11 +22,8 @@
 
 Callers never read a worker's socket and never wait on one: ``submit``
 gives the task to an idle worker (into that worker's out buffer, in
-memory) or leaves it in the queue.  If no other thread is writing to that
-socket, the caller writes the buffer out itself, non-blocking; what the
-socket does not take (and any worker just started) is left to the
-supervisor thread, woken by one byte on the wake-up pipe, only if no
-wake-up is pending already.  The supervisor
+memory) or leaves it in the queue, and wakes the supervisor thread by one
+byte on the wake-up pipe, only if no wake-up is pending already.  The supervisor
 thread waits in one ``poll`` on every worker socket (readable; writable while it has bytes
 queued for it), every worker's sentinel and the wake-up pipe.  Its
 sockets are non-blocking: it never waits for one worker, however large
@@ -67,9 +64,9 @@ follow.
 
 Thread-safety: the queue, the worker table, each worker's task list and
 the state are guarded by ``_lock``; a thread that holds it may append to a
-worker's out buffer.  Only the supervisor thread reads the sockets; a
-write takes the worker's ``write_lock`` (a caller only tries it, never
-waits for it), as does closing the socket.  Answers are handed to ``on_answer`` outside
+worker's out buffer.  Only the supervisor thread reads, writes and closes
+the sockets: a caller's thread, where a KeyboardInterrupt may land between
+any two lines, never touches one.  Answers are handed to ``on_answer`` outside
 the lock; ``on_dispatch`` is called under it, so it must not call back
 into the supervisor.
 """
@@ -128,8 +125,8 @@ class State(enum.Enum):
 class _Worker:
     """One worker process and the supervisor's end of its socket."""
 
-    __slots__ = ("process", "fd", "exit_fd", "reader", "writer", "write_lock", "closed",
-                 "tasks", "tasks_left", "retiring", "answered")
+    __slots__ = ("process", "fd", "exit_fd", "reader", "writer", "tasks", "tasks_left",
+                 "retiring", "answered")
 
     def __init__(self, process, fd: int, tasks_left: int | None) -> None:
         self.process = process
@@ -137,11 +134,6 @@ class _Worker:
         self.exit_fd = _exit_watch(process)
         self.reader = FrameReader(fd)
         self.writer = FrameWriter(fd)
-        # Held to flush the writer (by the supervisor thread, or by a
-        # caller that has just given this idle worker a task) and to close
-        # fd, so that no flush writes to a descriptor number reused since.
-        self.write_lock = threading.Lock()
-        self.closed = False
         # Tasks sent and not answered, oldest first, as queue entries: the
         # first is running, the others wait in the socket (never started).
         self.tasks: collections.deque = collections.deque()
@@ -326,18 +318,11 @@ class Supervisor:
             if self._state is not State.RUNNING:
                 raise BrokenPoolError(f"the pool is {self._state.value}; it takes no tasks")
             self._queue.append((job, index, message, held, False))
-            workers = len(self._workers)
             if not self._dispatch_locked():
                 return
-            # A worker started just now: the supervisor thread must watch it.
-            started = len(self._workers) != workers
-            ready = [w for w in self._workers.values() if w.writer.pending]
-        # Write the task out now if nobody else is writing to that socket:
-        # a non-blocking write, and no hop through the supervisor thread.
-        # What the socket does not take, the supervisor thread writes.
-        if (started or os.getpid() != self._pid
-                or not all(self._flush(w, wait=False) for w in ready)):
-            self._wake()
+        # The supervisor thread writes the task out (and watches a worker
+        # started just now).
+        self._wake()
 
     def _dispatch_locked(self) -> bool:
         """Give queued tasks to workers; True if any was given."""
@@ -461,7 +446,7 @@ class Supervisor:
                 pass
         except BlockingIOError:
             pass
-        with self._lock:                 # after emptying the pipe: see _wake_needed_locked
+        with self._lock:                 # after emptying the pipe: see _wake
             self._wake_pending = False
 
     def _receive(self, worker: _Worker, *, everything: bool = False) -> None:
@@ -492,20 +477,14 @@ class Supervisor:
             self._store.release(task[3])              # the task's arguments
 
     @staticmethod
-    def _flush(worker: _Worker, *, wait: bool = True) -> bool:
-        """Write what the socket takes now; True if nothing is left.  With
-        *wait* False, False at once if another thread is writing."""
-        if not worker.write_lock.acquire(wait):
-            return False
+    def _flush(worker: _Worker) -> bool:
+        """Write what the socket takes now; True if nothing is left.  In the
+        supervisor thread only."""
         try:
-            if worker.closed:
-                return True
             return worker.writer.flush()
         except OSError:
-            worker.writer.clear()       # it died: its sentinel says so shortly
+            worker.writer.clear()       # it died: its exit watch says so shortly
             return True
-        finally:
-            worker.write_lock.release()
 
     def _handle_deaths(self) -> None:
         """Read the answers of every dead worker, then reap, then fail their
@@ -547,10 +526,8 @@ class Supervisor:
                 # nothing would fail them: they fail below.
                 self._queue.extendleft(reversed(unstarted))
                 unstarted = []
-        with worker.write_lock:
-            worker.closed = True
-            drop_parent_end(worker.fd)
-            os.close(worker.fd)
+        drop_parent_end(worker.fd)
+        os.close(worker.fd)
         _close_exit_watch(worker)
         pid, exitcode = worker.process.pid, worker.process.exitcode
 
@@ -589,17 +566,6 @@ class Supervisor:
                 worker.retiring = True
                 worker.writer.append(STOP)
 
-    def _wake_needed_locked(self) -> bool:
-        """Mark a wake-up pending; True if the caller must write it.
-
-        The supervisor thread empties the pipe, then clears the mark, then
-        looks at the queue and the state: whatever a thread changed before
-        finding the mark set is seen by that look."""
-        if self._wake_pending or threading.current_thread() is self._thread:
-            return False
-        self._wake_pending = True
-        return True
-
     def _write_wake(self) -> None:
         with self._wake_lock:
             # Gone, or a fork child's copy of the supervisor (its descriptors
@@ -612,10 +578,19 @@ class Supervisor:
                 pass
 
     def _wake(self) -> None:
+        """Wake the supervisor thread, unless a wake-up is pending already.
+
+        The supervisor thread empties the pipe, then clears the mark, then
+        looks at the queue and the state: whatever a thread changed before
+        finding the mark set is seen by that look.  The byte is written
+        before the mark is set: an interrupt in between costs one spare
+        wake-up, never a lost one."""
+        if threading.current_thread() is self._thread:
+            return
         with self._lock:
-            wake = self._wake_needed_locked()
-        if wake:
-            self._write_wake()
+            if not self._wake_pending:
+                self._write_wake()
+                self._wake_pending = True
 
     # -- shutdown ----------------------------------------------------------
 
