@@ -139,6 +139,7 @@ from ._arena import HEADER_SIZE, MUTEX_OFFSET, Arena
 from ._errors import (
     BrokenArenaError,
     ClosedError,
+    NotARefError,
     ObjectNotFoundError,
     ObjectStateError,
     StoreFullError,
@@ -167,7 +168,8 @@ LOCK_SLICE = 0.1
 LOCK_TIMEOUT = 60.0
 #: Exceptions after which a locked section still ends clean: every locked
 #: method raises them from validation, before its first shared write.
-CLEAN_EXITS = (ObjectNotFoundError, ObjectStateError, StoreFullError, ClosedError)
+CLEAN_EXITS = (ObjectNotFoundError, ObjectStateError, StoreFullError, ClosedError,
+               NotARefError)
 
 # Offsets below are in bytes and multiples of 8; every shared word is read
 # and written as ``arena.words[offset >> 3]`` (see _arena for why not struct).

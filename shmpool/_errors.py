@@ -126,3 +126,9 @@ class WorkerDiedError(BrokenPoolError):
 
     def __reduce__(self):
         return (type(self), (self.pid, self.exitcode, self.replaced))
+
+
+class NotARefError(TypeError):
+    """A store method was given something that is not an ObjectRef.  Raised
+    by validation, before any shared write (so it ends a locked section
+    clean); a plain TypeError for callers."""

@@ -114,8 +114,10 @@ class ApplyResult:
                 self._waiters.append(waiter)
         if timeout is None:
             waiter.acquire()
-        elif timeout > 0:
-            waiter.acquire(True, timeout)   # timed out: _mark_ready releases it later
+        elif timeout <= 0 or not waiter.acquire(True, timeout):
+            with _waiters_lock:             # timed out: stop waiting for it
+                if not self._ready:
+                    self._waiters.remove(waiter)
 
     def get(self, timeout: float | None = None):
         self.wait(timeout)

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
 import struct
 import time
@@ -210,20 +209,19 @@ class ObjectStore:
         self._init(RawStore(capacity, max_objects=max_objects, readonly=readonly, **kwargs),
                    threshold)
 
-    def _init(self, raw: RawStore, threshold: int, owner_pid: int | None = None) -> None:
+    def _init(self, raw: RawStore, threshold: int) -> None:
         self.raw = raw
-        self._owner_pid = os.getpid() if owner_pid is None else owner_pid
         self.threshold = threshold
         self._warned_full = False
 
     @classmethod
-    def _attach(cls, raw: RawStore, threshold: int, owner_pid: int) -> "ObjectStore":
+    def _attach(cls, raw: RawStore, threshold: int) -> "ObjectStore":
         store = cls.__new__(cls)
-        store._init(raw, threshold, owner_pid)
+        store._init(raw, threshold)
         return store
 
     def __reduce__(self):
-        return (ObjectStore._attach, (self.raw, self.threshold, self._owner_pid))
+        return (ObjectStore._attach, (self.raw, self.threshold))
 
     @property
     def token(self) -> int:
@@ -473,9 +471,7 @@ class ObjectStore:
         for are answers of workers that may be waiting too (each holds its
         own until the owner's acknowledgement, which it reads only after
         sending), or the owner's, released only by the owner's caller."""
-        me = os.getpid()
-        return me == self._owner_pid and any(
-            pid != me for pid in self.raw.usage_by_process())
+        return self.raw.owned_here and self.raw.held_by_others()
 
     def _fallback(self, obj, exc: StoreFullError) -> bytes:
         count = self.raw.record_fallback()

@@ -99,6 +99,7 @@ from ._allocator import CLEAN_EXITS, FreeListAllocator
 from ._arena import PAGE_SIZE, Arena, written_pages
 from ._errors import (
     ClosedError,
+    NotARefError,
     ObjectNotFoundError,
     ObjectStateError,
     StoreFullError,
@@ -643,7 +644,7 @@ class RawStore:
         """Return the slot fields of *ref*, or raise if the ref is stale,
         forged, from another store, or the object is in the wrong state."""
         if not isinstance(ref, ObjectRef):
-            raise TypeError(f"expected an ObjectRef, got {type(ref).__name__}")
+            raise NotARefError(f"expected an ObjectRef, got {type(ref).__name__}")
         if ref.token != self.token:
             raise ObjectNotFoundError(f"{ref!r} belongs to another store")
         if not 0 <= ref.slot < self._max_objects:
@@ -1169,6 +1170,24 @@ class RawStore:
         if fields is None or fields[0] != ref.generation:
             return "free"
         return _STATE_NAMES[fields[4]]
+
+    @property
+    def owned_here(self) -> bool:
+        """True in the process that created the store (not in its fork
+        children, nor in processes it was passed to)."""
+        return self._arena.owner_pid == os.getpid()
+
+    def held_by_others(self) -> bool:
+        """True if a process other than this one holds some object now (a
+        vectorised look at the holder masks: cheap enough to ask while
+        waiting for space)."""
+        mask = ((1 << 128) - 1) & ~(1 << self._index)        # every index but ours
+        lo, hi = np.uint64(mask & (2**64 - 1)), np.uint64(mask >> 64)
+        with self._locked():
+            words = _slot_words(self._buf, self._slots, self._max_objects)
+            others = bool((words[:, 5] & lo).any() or (words[:, 6] & hi).any())
+            del words
+        return others
 
     def usage_by_process(self) -> dict[int, tuple[int, int]]:
         """``{pid: (objects, bytes)}`` that each attached process holds now

@@ -126,30 +126,37 @@ class _Worker:
     """One worker process and the supervisor's end of its socket."""
 
     __slots__ = ("process", "fd", "exit_fd", "reader", "writer", "tasks", "tasks_left",
-                 "retiring", "answered")
+                 "retiring", "exited", "answered")
 
-    def __init__(self, process, fd: int, tasks_left: int | None) -> None:
+    def __init__(self, process, fd: int, tasks_left: int | None,
+                 start_method: str) -> None:
         self.process = process
         self.fd = fd                  # owned: closed when the worker has exited
-        self.exit_fd = _exit_watch(process)
+        self.exit_fd = _exit_watch(process, start_method)
         self.reader = FrameReader(fd)
         self.writer = FrameWriter(fd)
         # Tasks sent and not answered, oldest first, as queue entries: the
         # first is running, the others wait in the socket (never started).
         self.tasks: collections.deque = collections.deque()
         self.tasks_left = tasks_left  # None: no limit (maxtasksperchild)
-        self.retiring = False         # gets no more tasks
+        self.retiring = False         # gets no more tasks (it will exit)
+        self.exited = False           # seen dead: gets no more tasks either
         self.answered = False         # answered since it last got a burst
 
 
-def _exit_watch(process) -> int:
+def _exit_watch(process, start_method: str) -> int:
     """A descriptor that turns readable when *process* exits.
 
     A pidfd where the kernel has them: the process's own sentinel is a pipe
     that a child the task started inherits (fork, spawn), so it would stay
     open as long as that child lives, and the worker's exit would never be
-    seen.  Otherwise (no pidfd) the sentinel.  A pidfd is owned by the
-    caller; the sentinel by the process object."""
+    seen.  Under forkserver the sentinel is the forkserver's report of the
+    exit, which no task's child can hold, and the forkserver, not this
+    process, reaps the worker, so its pid could be reused before a pidfd is
+    opened: the sentinel then.  Otherwise (no pidfd) the sentinel too.  A
+    pidfd is owned by the caller; the sentinel by the process object."""
+    if start_method == "forkserver":
+        return process.sentinel
     try:
         return os.pidfd_open(process.pid)
     except (AttributeError, OSError):
@@ -274,7 +281,8 @@ class Supervisor:
             raise
         finally:
             conn.close()
-        self._workers[fd] = _Worker(process, fd, self._worker_args[2])
+        self._workers[fd] = _Worker(process, fd, self._worker_args[2],
+                                    self._ctx.get_start_method())
 
     @property
     def pids(self) -> list[int]:
@@ -332,7 +340,7 @@ class Supervisor:
 
     def _fill_locked(self) -> None:
         for worker in list(self._workers.values()):
-            if not worker.tasks and not worker.retiring:
+            if not worker.tasks and not (worker.retiring or worker.exited):
                 if not self._give_locked(worker):
                     return
         # Tasks left and no idle worker: start workers, up to the size (on
@@ -345,7 +353,7 @@ class Supervisor:
         # Still tasks left: every worker is busy; queue more in their sockets.
         for waiting in range(1, self._depth):
             for worker in list(self._workers.values()):
-                if len(worker.tasks) == waiting and not worker.retiring:
+                if len(worker.tasks) == waiting and not (worker.retiring or worker.exited):
                     if not self._give_locked(worker):
                         return
         # A long queue: every busy worker takes its share in one write.
@@ -357,7 +365,7 @@ class Supervisor:
                 if not worker.answered:
                     continue
                 worker.answered = False
-                while len(worker.tasks) < share and not worker.retiring:
+                while len(worker.tasks) < share and not (worker.retiring or worker.exited):
                     if not self._give_locked(worker):
                         return
 
@@ -497,6 +505,9 @@ class Supervisor:
             newly = _exited(alive)
             if not newly:
                 break
+            with self._lock:             # no task goes to a dead worker meanwhile
+                for worker in newly:
+                    worker.exited = True
             for worker in newly:
                 dead[worker.fd] = worker
                 self._receive(worker, everything=True)

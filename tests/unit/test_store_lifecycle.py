@@ -277,3 +277,13 @@ def test_a_validation_error_ends_a_store_section_clean():
         with pytest.raises(shmpool.ObjectNotFoundError):
             store.get(ref)                        # stale: refused before any write
         assert store.statistics().repairs == before
+
+
+def test_a_wrong_argument_type_ends_a_store_section_clean():
+    with RawStore(1 << 20) as store:
+        before = store.statistics().repairs
+        with pytest.raises(TypeError, match="expected an ObjectRef"):
+            store.get("not a ref")
+        with pytest.raises(TypeError):
+            store.contains(42)
+        assert store.statistics().repairs == before
