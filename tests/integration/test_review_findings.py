@@ -1,8 +1,4 @@
-"""Failures found by an adversarial review, one reproducer each.
-
-A test marked ``xfail(strict=True)`` documents a bug that is still open: it
-fails today, and once the bug is fixed it passes and the strict marker
-turns that into a failure, so whoever fixes it removes the marker.
+"""Failures found by an adversarial review, one reproducer each (all fixed).
 
 Scenarios that could hang run in a child interpreter with a deadline, so a
 hang fails the test instead of stopping the session.
@@ -144,7 +140,7 @@ def test_default_pool_on_a_machine_with_many_cpus(tmp_path, method):
     # left out only because starting 130 interpreters is slow.)
     done = run_scenario(tmp_path, _MANY_CPUS, method, timeout=4 * SCENARIO_TIMEOUT)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[0] in ("mapped", "refused"), done.stdout
+    assert done.stdout.split()[0] == "mapped", done.stdout    # capped at MAX_WORKERS
     assert "exited with code" not in done.stdout + done.stderr
 
 

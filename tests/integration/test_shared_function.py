@@ -3,7 +3,6 @@ the store once, whatever the number of tasks, and is the value at call time."""
 
 import functools
 import os
-import time
 
 import numpy as np
 
@@ -18,21 +17,15 @@ def scaled_sum(arr, i):
     return float(arr.sum()) * i
 
 
-def slow_scaled_sum(arr, i):
-    time.sleep(0.02)                 # long enough for the parent to look at the store
-    return float(arr.sum()) * i
-
-
 def test_shared_argument_is_stored_once_per_call():
     big = np.ones(4 * MiB // 8)                      # 4 MiB
     with shmpool.Pool(2) as pool:
-        idle = pool.statistics().store.in_use
-        result = pool.map_async(functools.partial(slow_scaled_sum, big), range(16), chunksize=1)
-        peak = idle
-        while not result.ready():
-            peak = max(peak, pool.statistics().store.in_use)
+        idle = pool.statistics().store
+        assert idle.peak_in_use == idle.in_use           # a fresh store: the table only
+        result = pool.map_async(functools.partial(scaled_sum, big), range(16), chunksize=1)
         assert result.get(DEADLOCK_TIMEOUT) == [float(big.size) * i for i in range(16)]
-        assert big.nbytes <= peak - idle < 2 * big.nbytes     # one copy, not 16
+        peak = pool.statistics().store.peak_in_use - idle.in_use
+        assert big.nbytes <= peak < 2 * big.nbytes   # one copy at most at once, not 16
         held = pool.statistics().held_by_process.get(os.getpid(), (0, 0))
         assert held[1] < big.nbytes                  # let go after the last answer
 

@@ -19,10 +19,11 @@ def make_array(i):
 
 def test_full_store_falls_back_at_once_and_counts_it():
     # 64 MiB hold a few 8 MiB results; the caller keeps every result, so
-    # nothing can ever be freed: no fallback may wait its 30 s.
+    # nothing can ever be freed: no fallback may wait its space_timeout,
+    # which is longer than the deadline of the whole map.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", shmpool.StoreFullWarning)
-        with shmpool.Pool(2, capacity=64 * MiB, space_timeout=30) as pool:
+        with shmpool.Pool(2, capacity=64 * MiB, space_timeout=2 * DEADLOCK_TIMEOUT) as pool:
             result = pool.map_async(make_array, range(32), chunksize=1)
             held = result.get(DEADLOCK_TIMEOUT)
             fallbacks = pool.statistics().store.fallbacks
