@@ -38,8 +38,8 @@ autodoc_default_options = {"members": True, "undoc-members": True, "show-inherit
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
-# Links into the standard library's docs need its inventory, fetched at
-# build time; a build without the network still works, with plain names.
+# No inventory is fetched (the build needs no network): names from the
+# standard library stay plain text.
 intersphinx_mapping = {}
 nitpicky = False
 

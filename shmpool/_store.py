@@ -517,11 +517,12 @@ class RawStore:
         """Give up every hold this process has, inherited through fork
         included, as one call made first thing in a new process.
 
-        For processes that get their store data as arguments, as a pool
-        worker does: the parent's objects are then freed when the parent
-        drops them, instead of living as long as the child.  Views the child
-        inherited must not be used afterwards; nor can they be put again
-        without a copy.
+        For a fork child that gets its store data as arguments and uses
+        nothing it inherited: the parent's objects are then freed when the
+        parent drops them, instead of living as long as the child.  Views the
+        child inherited must not be used afterwards (they may show another
+        object's bytes); nor can they be put again without a copy.  shmpool's
+        own workers do not call it: a task may read a global view.
         """
         with self._locked():
             self._release_process_locked(self._index)
@@ -812,7 +813,7 @@ class RawStore:
 
     def _stop_drainer(self) -> None:
         """End the drainer thread and wait for it: after this, no thread of
-        this store touches the semaphore but the caller's."""
+        this store touches the lock but the caller's."""
         drainer, self._drainer = self._drainer, None
         if drainer is not None:
             thread, write_end = drainer

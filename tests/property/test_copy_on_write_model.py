@@ -25,8 +25,8 @@ def _make(store: RawStore, nbytes: int, byte: int):
 
 
 def _child_checks(store, conn):
-    """Give up the inherited holds, written view included (as a pool worker
-    does), then read whatever the parent allocates next over the same
+    """Give up the inherited holds, written view included
+    (``forget_inherited_holds``), then read whatever the parent allocates next over the same
     memory: it must show the new bytes, not the pages the child inherited."""
     try:
         store.forget_inherited_holds()
