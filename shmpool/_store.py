@@ -340,7 +340,7 @@ class RawStore:
         self.readonly = arena.readonly
         self._export_starts: list[int] | None = None
         self._drainer: tuple[threading.Thread, int] | None = None  # thread, pipe write end
-        self._drainer_starting = threading.Lock()
+        self._drainer_lock = threading.Lock()
         self._pid = os.getpid()
         alloc.add_repair_hook(self._repair_locked)
         with _fd_guard:
@@ -488,10 +488,8 @@ class RawStore:
             os.close(fd)
         self._forks = {}
         self._pid = os.getpid()
-        if self._drainer is not None:         # the thread did not survive fork
-            os.close(self._drainer[1])
-            self._drainer = None
-        self._drainer_starting = threading.Lock()
+        self._drainer_lock = threading.Lock()     # maybe held by a thread gone now
+        self._close_drainer()                 # the thread did not survive fork
         if self._live_fd is not None:
             os.close(self._live_fd)           # the parent's: it must not look alive
             self._live_fd = None
@@ -608,9 +606,7 @@ class RawStore:
         """Drop this process's liveness description and mapping."""
         self._detached = True
         _open_stores.discard(self)
-        if self._drainer is not None:
-            os.close(self._drainer[1])        # the drainer reads EOF and exits
-            self._drainer = None
+        self._close_drainer()
         if self._live_fd is not None:
             os.close(self._live_fd)
             self._live_fd = None
@@ -776,25 +772,36 @@ class RawStore:
 
     def _wake_drainer(self) -> None:
         # Called from finalizers: only non-blocking steps (os.write to a
-        # non-blocking pipe), never a lock another frame could hold.
-        if self._drainer is None:
-            if not self._drainer_starting.acquire(blocking=False):
-                return                        # being started; it drains at start
-            try:
+        # non-blocking pipe), and _drainer_lock only tried, never waited for.
+        # The write end is used and closed under that lock only, so a wake-up
+        # never goes into a descriptor number reused since.
+        if not self._drainer_lock.acquire(blocking=False):
+            return              # being started (it drains at start) or stopped
+        try:
+            if self._drainer is None:
                 read_end, write_end = os.pipe()
                 os.set_blocking(write_end, False)
                 thread = threading.Thread(target=self._drain_forever, args=(read_end,),
                                           name="shmpool-release", daemon=True)
                 thread.start()
                 self._drainer = (thread, write_end)
-            except RuntimeError:              # interpreter shutting down
-                return
-            finally:
-                self._drainer_starting.release()
-        try:
             os.write(self._drainer[1], b"x")
+        except RuntimeError:                  # interpreter shutting down
+            pass
         except OSError:
-            pass                              # already woken (pipe full), or closing
+            pass                              # already woken (pipe full)
+        finally:
+            self._drainer_lock.release()
+
+    def _close_drainer(self) -> "threading.Thread | None":
+        """Close the drainer's write end (it then reads EOF and exits), once,
+        whichever thread asks first; return its thread, or None."""
+        with self._drainer_lock:
+            drainer, self._drainer = self._drainer, None
+            if drainer is None:
+                return None
+            os.close(drainer[1])
+        return drainer[0]
 
     def _drain_forever(self, read_end: int) -> None:
         try:
@@ -814,12 +821,9 @@ class RawStore:
     def _stop_drainer(self) -> None:
         """End the drainer thread and wait for it: after this, no thread of
         this store touches the lock but the caller's."""
-        drainer, self._drainer = self._drainer, None
-        if drainer is not None:
-            thread, write_end = drainer
-            os.close(write_end)               # the drainer reads EOF and exits
-            if thread is not threading.current_thread():
-                thread.join()
+        thread = self._close_drainer()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _locked(self):
         self._check_open()
